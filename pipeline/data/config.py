@@ -1,0 +1,147 @@
+"""Typed configuration of the training data stream (shards -> batches).
+
+The training config (pipeline/config.py) nests one `DataConfig` under `data`;
+every error raised here names the field as `data.<field>` so that a bad recipe
+or command-line override points at the line to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+RESAMPLED_MODES = ("auto", "on", "off")
+CONVERSATION_POLICIES = ("random", "cycle", "first")
+OVERLONG_POLICIES = ("truncate", "skip")
+
+
+@dataclass
+class DataConfig:
+    """How training shards become per-rank batches."""
+
+    train_shards: str = ""
+    """Training shard set: a directory holding `sizes.json` (and the sharder's
+    `manifest.json`) next to its `shard-*.tar`, or a brace pattern such as
+    `/data/train/shard-{000000..000127}.tar` (also `pipe:`/`http(s):` URLs of
+    webdataset's `gopen`). Per-shard sample counts always come from sizes.json:
+    the epoch length and mid-epoch resume are computed from them."""
+
+    sizes_file: str | None = None
+    """sizes.json to use with a brace pattern whose shards do not sit next to
+    one (remote shards). None: `sizes.json` in the pattern's directory."""
+
+    batch_size: int = 8
+    """Micro-batch size per rank (DeepSpeed's train_micro_batch_size_per_gpu)."""
+
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 decodes in the training process.
+    Part of the stream's identity: resuming with another value gives other
+    batches (see pipeline/data/__init__.py)."""
+
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (ignored when num_workers is 0)."""
+
+    pin_memory: bool = False
+    """Pin batch tensors in page-locked memory (useful on GPU hosts)."""
+
+    shuffle_buffer: int = 256
+    """Sample shuffle buffer per worker, in samples; 0 or 1 keeps shard order.
+    The buffer holds raw (undecoded) image bytes: about shuffle_buffer x mean
+    image file size per worker (256 x ~0.5 MB DiffusionDB PNG = ~128 MB). The
+    sharder already interleaves sources and labels with a seeded permutation,
+    so the buffer only has to break up the order within and across shards."""
+
+    shuffle_shards: bool = True
+    """Shuffle the shard order every epoch, seeded by (seed, epoch)."""
+
+    seed: int = 0
+    """Data seed: with (epoch, rank, world size, num_workers, batch_size) it fixes
+    every batch, so a resumed run sees the same batches as an uninterrupted one."""
+
+    resampled: str = "auto"
+    """"on": every worker draws shards with replacement (seeded) forever;
+    "off": shards are split between ranks then workers without replacement;
+    "auto": "on" exactly when there are fewer shards than world_size x
+    max(num_workers, 1), where splitting would leave a worker without data."""
+
+    samples_per_epoch: int | None = None
+    """Samples in one epoch over all ranks; None: the total of sizes.json. The
+    per-rank batch count is ceil(samples_per_epoch / (batch_size x world_size)),
+    identical on every rank (unequal counts hang ZeRO-3 collectives)."""
+
+    max_length: int = 2048
+    """Longest tokenised example, the <image> placeholder counted as one id (the
+    model widens it to its image tokens; pipeline/config.py checks the sum
+    against the LLM's positions)."""
+
+    overlong: str = "truncate"
+    """An example longer than max_length: "truncate" cuts the answer from its
+    end like the reference (the template drops the eos too; counted per batch
+    as `truncated_samples`, and such a row may lose the <CONCLUSION> the CPM
+    reads); "skip" treats it as a bad sample (replaced, counted)."""
+
+    pad_to_multiple_of: int = 1
+    """Right-pad each batch to a multiple of this many tokens (8 helps tensor
+    cores); 1 pads to the longest example of the batch."""
+
+    conversation_choice: str = "random"
+    """Which of an image's conversations an epoch trains on: "random" draws one
+    with a hash of (seed, epoch, key); "cycle" starts at a seeded offset per
+    image and advances by one each epoch, so every conversation is used once
+    per len(conversations) epochs; "first" always takes the first."""
+
+    max_bad_fraction: float = 0.01
+    """Largest tolerated share of bad samples (undecodable image, bad json, no
+    usable conversation, template failure, too long, missing from its shard)
+    per worker; above it the stream raises naming the shard. Bad samples are
+    replaced by seeded spare samples so batches keep their size."""
+
+    bad_check_min_samples: int = 200
+    """Samples a worker must have read before max_bad_fraction is enforced, so
+    that one early bad sample in a tiny run does not stop training."""
+
+    bad_log_interval_s: float = 30.0
+    """Rate limit of bad-sample log lines per worker: the first 5 are logged
+    one by one, then at most one summary line per this many seconds."""
+
+    def validate(self) -> "DataConfig":
+        """Check field values and combinations; raise ValueError naming the field."""
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"data.{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.train_shards, str) or not self.train_shards.strip():
+            bad("train_shards", "required: a shard directory with sizes.json or a brace pattern")
+        for name in ("batch_size", "prefetch_factor", "max_length", "pad_to_multiple_of"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be an integer >= 1")
+        for name in ("num_workers", "shuffle_buffer", "bad_check_min_samples", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "must be an integer >= 0")
+        if self.resampled not in RESAMPLED_MODES:
+            bad("resampled", f"must be one of {RESAMPLED_MODES}")
+        if self.conversation_choice not in CONVERSATION_POLICIES:
+            bad("conversation_choice", f"must be one of {CONVERSATION_POLICIES}")
+        if self.overlong not in OVERLONG_POLICIES:
+            bad("overlong", f"must be one of {OVERLONG_POLICIES}")
+        if self.samples_per_epoch is not None and (
+            not isinstance(self.samples_per_epoch, int) or self.samples_per_epoch < 1
+        ):
+            bad("samples_per_epoch", "must be None (whole shard set) or an integer >= 1")
+        if not 0.0 <= float(self.max_bad_fraction) < 1.0:
+            bad("max_bad_fraction", "must be in [0, 1)")
+        if float(self.bad_log_interval_s) < 0:
+            bad("bad_log_interval_s", "must be >= 0")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
+        """Build from a plain dict (YAML section); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"data: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
