@@ -1,0 +1,190 @@
+"""Evaluation throughput: batched scoring vs the reference's way, and 1 vs 2 ranks.
+
+The reference evaluates on one GPU with batch size 1 and reloads the CLIP text
+model for every sample to compute CSS. This benchmark runs, on the tiny preset
+and the same synthetic MMFR evaluation images (pipeline.evaluation.tiny):
+
+  1. in one process, one model load, the same images:
+       batched    score_items with --batch-size, CSS with the CLIP text model
+                  loaded once and batched (this project's runner code)
+       reference  batch size 1, and a CLIP text model loaded from disk for
+                  every sample (what the reference does)
+     Both compute the same outputs (answer, parse, p(fake), BLEU-1, ROUGE-L,
+     CSS) and the answers are checked to be identical, so only the way of
+     scoring differs. Model loading is outside the timed region for both.
+  2. launch/eval.py through the `deepspeed` launcher with 1 and with 2 ranks
+     (one thread per rank): images/s of the scoring phase, i.e. images / the
+     slowest rank's (generation + text metrics) seconds, and the wall time of
+     the whole command.
+
+    .venv/bin/python benchmarks/bench_eval.py             # a few minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_eval.py --help
+
+Results go to stdout and to benchmarks/results/bench_eval.{json,md}. Goals
+(issue 5): batched >= 5x the reference's way; 2 ranks >= 1.7x of 1 rank.
+On a shared machine wall times are noisy: rerun and compare runs made together.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process(setup, args) -> dict:
+    """Phase 1: batched vs reference way, same images, same model, same process."""
+    import torch
+
+    from modeling.image_processing import ImageProcessor
+    from pipeline.evaluation.config import EvalConfig
+    from pipeline.evaluation.data import enumerate_items
+    from pipeline.evaluation.metrics import CSSScorer, text_scores
+    from pipeline.evaluation.runner import Scorer, add_text_scores, load_model, score_items
+
+    torch.set_num_threads(1)
+    items = enumerate_items({"mmfr": setup.shards})
+    out = {"images": len(items)}
+    for mode in ("batched", "reference"):
+        cfg = EvalConfig(checkpoint=setup.model, out="-", shards=setup.shards, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size if mode == "batched" else 1, num_workers=1,
+                         css_model=setup.clip_text)
+        model, _, _ = load_model(cfg)
+        scorer = Scorer(model, cfg, torch.device("cpu"))
+        processor = ImageProcessor(model.config)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        rows, failures = score_items(scorer, items, processor, cfg, show_progress=False)
+        t_gen = time.perf_counter()
+        if mode == "batched":
+            add_text_scores(rows, CSSScorer(setup.clip_text, batch_size=cfg.css_batch_size))
+        else:
+            for r in rows:  # the reference: a fresh CLIP text model for every sample
+                r.update(text_scores([r["reference"]], [r["reasoning"]], CSSScorer(setup.clip_text))[0])
+        t_end = time.perf_counter()
+        assert not failures, failures
+        out[mode] = {"seconds": t_end - t0, "generate_s": t_gen - t0, "text_s": t_end - t_gen,
+                     "images_per_s": len(rows) / (t_end - t0)}
+        out[f"{mode}_answers"] = {r["key"]: r["answer"] for r in rows}
+        del model, scorer
+    same = out.pop("batched_answers") == out.pop("reference_answers")
+    out["same_answers"] = same
+    out["speedup"] = out["batched"]["images_per_s"] / out["reference"]["images_per_s"]
+    return out
+
+
+def ranks(setup, args, work: str) -> dict:
+    """Phase 2: launch/eval.py with 1 and 2 ranks through the deepspeed launcher."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=REPO)
+    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    out = {}
+    for n in (1, 2):
+        res_dir = os.path.join(work, f"ranks{n}")
+        cmd = [deepspeed, "--num_gpus", str(n), "--master_port", str(_free_port()),
+               os.path.join(REPO, "launch", "eval.py"), "--checkpoint", setup.model, "--shards", setup.shards,
+               "--out", res_dir, "--css-model", setup.clip_text, "--batch-size", str(args.batch_size),
+               "--max-new-tokens", str(args.max_new_tokens), "--num-workers", "1", "--no-plots",
+               "--no-progress", "--wandb-mode", "disabled"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        with open(os.path.join(res_dir, "results.json"), encoding="utf-8") as f:
+            r = json.load(f)
+        slowest = max(p["generate_s"] + p["text_metrics_s"] for p in r["run"]["per_rank"])
+        slowest_cpu = max(p["generate_cpu_s"] + p["text_metrics_cpu_s"] for p in r["run"]["per_rank"])
+        out[f"{n}"] = {"images": r["counts"]["scored"], "scoring_s": slowest,
+                       "images_per_s": r["counts"]["scored"] / slowest, "wall_s": wall,
+                       "slowest_rank_cpu_s": slowest_cpu,
+                       "images_per_rank_cpu_s": r["counts"]["scored"] / slowest_cpu,
+                       "per_rank": r["run"]["per_rank"]}
+        with open(os.path.join(res_dir, "predictions.jsonl"), encoding="utf-8") as f:
+            out[f"{n}"]["answers"] = [json.loads(line)["answer"] for line in f]
+    out["same_answers"] = out["1"].pop("answers") == out["2"].pop("answers")
+    out["speedup"] = out["2"]["images_per_s"] / out["1"]["images_per_s"]
+    out["cpu_speedup"] = out["2"]["images_per_rank_cpu_s"] / out["1"]["images_per_rank_cpu_s"]
+    return out
+
+
+def render(result: dict) -> str:
+    a, r = result["in_process"], result["ranks"]
+    lines = [
+        f"Tiny preset, {a['images']} synthetic MMFR evaluation images, max_new_tokens "
+        f"{result['args']['max_new_tokens']}, batch size {result['args']['batch_size']}, CPU, "
+        f"{os.cpu_count()} cores (shared), one thread per process.",
+        "",
+        "| way of scoring | images/s | seconds | generation s | text metrics s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode, label in (("reference", "reference way (batch 1, CLIP text model reloaded per sample)"),
+                        ("batched", f"batched (batch {result['args']['batch_size']}, CLIP loaded once)")):
+        m = a[mode]
+        lines.append(f"| {label} | {m['images_per_s']:.2f} | {m['seconds']:.2f} | {m['generate_s']:.2f} | "
+                     f"{m['text_s']:.2f} |")
+    lines += [f"", f"Batched / reference: **{a['speedup']:.2f}x** (goal >= 5x); identical answers: "
+                   f"{a['same_answers']}.", "",
+              "| ranks (deepspeed launcher) | images/s (scoring wall) | slowest rank s | slowest rank CPU s | "
+              "wall s (whole command) |",
+              "|---|---:|---:|---:|---:|"]
+    for n in ("1", "2"):
+        m = r[n]
+        lines.append(f"| {n} | {m['images_per_s']:.2f} | {m['scoring_s']:.2f} | {m['slowest_rank_cpu_s']:.2f} | "
+                     f"{m['wall_s']:.1f} |")
+    lines += ["", f"2 ranks / 1 rank: **{r['speedup']:.2f}x** by scoring wall time (goal >= 1.7x), "
+                  f"{r['cpu_speedup']:.2f}x by the slowest rank's CPU time (the wall-time speedup when each "
+                  f"rank has a free core); identical answers: {r['same_answers']}. Load average at start: "
+                  f"{result['loadavg'][0]:.2f} on {os.cpu_count()} cores."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images-per-generator", type=int, default=12, help="evaluation images per generator (even)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size of the batched way and of the rank runs")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
+    p.add_argument("--workdir", help="keep the setup and outputs here (default: a temporary folder)")
+    p.add_argument("--skip-ranks", action="store_true", help="only the in-process comparison")
+    p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"),
+                   help="folder for bench_eval.json/.md")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from pipeline.evaluation.tiny import build_tiny_setup
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_eval_")
+    setup = build_tiny_setup(os.path.join(work, "setup"), args.images_per_generator)
+    result = {"args": vars(args), "loadavg": os.getloadavg(), "in_process": in_process(setup, args)}
+    result["ranks"] = None if args.skip_ranks else ranks(setup, args, work)
+    if result["ranks"]:
+        text = render(result)
+        os.makedirs(args.results, exist_ok=True)
+        with open(os.path.join(args.results, "bench_eval.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.results, "bench_eval.md"), "w", encoding="utf-8") as f:
+            f.write("# bench_eval\n\n`" + " ".join(["benchmarks/bench_eval.py", *(argv or sys.argv[1:])]) + "`\n\n"
+                    + text + "\n")
+        print(text)
+    else:
+        print(json.dumps(result["in_process"], indent=1))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

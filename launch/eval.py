@@ -1,0 +1,101 @@
+"""Evaluate a FakeReasoning checkpoint on MMFR's evaluation generators and benchmarks.
+
+    deepspeed --num_gpus 8 launch/eval.py --checkpoint runs/x/export --shards OUT_DIR/eval --out runs/x/eval
+    deepspeed --num_gpus 8 launch/eval.py --checkpoint DIR --shards OUT_DIR/eval \\
+        --benchmark genimage=BENCH/genimage --benchmark chameleon=BENCH/chameleon --out RESULTS_DIR
+    python launch/eval.py --checkpoint DIR --shards OUT_DIR/eval --out RESULTS_DIR      (one process)
+
+Each image is scored by exactly one rank; rank 0 writes RESULTS_DIR/results.json,
+results.md, predictions.jsonl and plots, and logs to W&B. Benchmarks are sharded
+with `bash launch/shard_benchmark.sh NAME SRC OUT`. This file only parses
+arguments; pipeline/evaluation/runner.py does the work.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _benchmark(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--benchmark expects NAME=SHARDS, got {text!r}")
+    return name, path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="model folder: this project's export (export_merged) or training checkpoint, or the "
+                        "reference's released FakeReasoning format (config.json model_type llava_llama)")
+    p.add_argument("--shards", help="MMFR evaluation shards (the sharder's OUT_DIR/eval)")
+    p.add_argument("--set-name", default="mmfr", help="name of the --shards set in reports (default mmfr)")
+    p.add_argument("--benchmark", action="append", type=_benchmark, default=[], metavar="NAME=SHARDS",
+                   help="a benchmark's shard folder (from launch/shard_benchmark.sh); repeatable")
+    p.add_argument("--out", required=True, help="results folder")
+    g = p.add_argument_group("generation")
+    g.add_argument("--batch-size", type=int, default=8, help="images per batch on each rank (default 8)")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (rank added)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="override the checkpoint's dtype (e.g. bfloat16 on GPU)")
+    g.add_argument("--num-workers", type=int, default=2, help="image decoding processes per rank (default 2)")
+    g.add_argument("--limit", type=int, help="score only the first N images of each set (smoke test)")
+    g.add_argument("--reference-base-model",
+                   help="for a reference LoRA training output: the model folder it was trained from")
+    g = p.add_argument_group("metrics and outputs")
+    g.add_argument("--css-model", help="local CLIP folder (text model + tokenizer) for CSS; without it CSS is n/a")
+    g.add_argument("--css-batch-size", type=int, default=64, help="texts per CLIP batch (default 64)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("Weights & Biases (rank 0)")
+    g.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), default="auto",
+                   help="auto: online with credentials, else offline (default)")
+    g.add_argument("--wandb-project", default="fakereasoning", help="W&B project")
+    g.add_argument("--wandb-name", help="W&B run name")
+    g.add_argument("--wandb-dir", help="folder receiving wandb/ (default: --out)")
+    g.add_argument("--wandb-samples", type=int, default=32, help="predictions with images sent to W&B (default 32)")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline.config import WandbConfig
+    from pipeline.evaluation.config import EvalConfig, EvalConfigError
+
+    names = [n for n, _ in args.benchmark]
+    if len(names) != len(set(names)):
+        print("error: --benchmark names must be unique", file=sys.stderr)
+        return 2
+    cfg = EvalConfig(
+        checkpoint=args.checkpoint, out=args.out, shards=args.shards, set_name=args.set_name,
+        benchmarks=dict(args.benchmark), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, css_model=args.css_model,
+        css_batch_size=args.css_batch_size, num_workers=args.num_workers, limit=args.limit, dtype=args.dtype,
+        reference_base_model=args.reference_base_model, plots=not args.no_plots,
+        wandb=WandbConfig(project=args.wandb_project, mode=args.wandb_mode, name=args.wandb_name,
+                          dir=args.wandb_dir, tags=["eval"]),
+        wandb_samples=args.wandb_samples, progress=not args.no_progress)
+    try:
+        cfg.validate()
+    except EvalConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.evaluation.runner import run_eval
+
+    results = run_eval(cfg)
+    if results is not None:
+        with open(os.path.join(cfg.out, "results.md"), encoding="utf-8") as f:
+            print(f.read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Evaluation outputs: results.json, results.md, predictions.jsonl and plots.
+
+Everything in the report is computed from the prediction rows, so a report can
+be rebuilt from ``predictions.jsonl`` alone (``python -m
+pipeline.evaluation.report RESULTS_DIR``) and the tests can check that the
+tables agree with the per-image lines.
+
+A prediction row is a dict with at least ``PREDICTION_FIELDS``; the runner
+adds the per-image text scores (``bleu1``, ``rouge_l``, ``css``) and the raw
+generated ``answer``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pipeline.evaluation.metrics import generator_order, set_metrics
+
+PREDICTION_FIELDS: tuple[str, ...] = (
+    "key", "set", "generator", "label", "pred", "parse_status", "p_fake", "reasoning", "reference",
+)
+# Per-image text scores, the raw answer, and where the image came from.
+EXTRA_FIELDS: tuple[str, ...] = ("bleu1", "rouge_l", "css", "answer", "relpath", "shard", "index")
+RESULTS_VERSION = 1
+
+# Columns of the tables: (metric key, header, kind). "pct" values are shown
+# x100 with 2 decimals like the paper's accuracies; "frac" with 4 decimals.
+REFERENCE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("n", "N", "int"),
+    ("real_acc", "Real Acc", "pct"),
+    ("fake_acc", "Fake Acc", "pct"),
+    ("acc", "Acc", "pct"),
+    ("bleu1", "BLEU-1", "frac"),
+    ("rouge_l", "ROUGE-L", "frac"),
+    ("css", "CSS", "frac"),
+    ("auc", "AUC", "frac"),
+    ("ap", "AP", "frac"),
+    ("parse_failure_rate", "Unparsed %", "pct"),
+)
+STRICT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("n", "N", "int"),
+    ("real_acc_strict", "Real Acc", "pct"),
+    ("fake_acc_strict", "Fake Acc", "pct"),
+    ("acc_strict", "Acc", "pct"),
+    ("bleu1_strict", "BLEU-1", "frac"),
+    ("rouge_l_strict", "ROUGE-L", "frac"),
+    ("css_strict", "CSS", "frac"),
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def format_value(value: float | int | None, kind: str) -> str:
+    """How a number appears in results.md ("n/a" when undefined)."""
+    if value is None:
+        return "n/a"
+    if kind == "int":
+        return str(int(value))
+    if kind == "pct":
+        return f"{100.0 * value:.2f}"
+    return f"{value:.4f}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_identity(path: str) -> dict[str, Any]:
+    """Absolute path and sha256 of every weight file of a checkpoint.
+
+    ``sha256`` is one digest over the sorted (relative name, file digest)
+    pairs, so two checkpoints with the same weights compare equal wherever
+    they are stored. Raises when the directory holds no weight file: a report
+    that cannot say which weights it scored is not worth writing.
+    """
+    path = os.path.abspath(path)
+    files = {}
+    if os.path.isfile(path):
+        files[os.path.basename(path)] = _sha256(path)
+    else:
+        for root, _dirs, names in os.walk(path):
+            for name in names:
+                if name.endswith(WEIGHT_SUFFIXES):
+                    full = os.path.join(root, name)
+                    files[os.path.relpath(full, path)] = _sha256(full)
+    if not files:
+        raise FileNotFoundError(f"checkpoint {path!r}: no weight file ({', '.join(WEIGHT_SUFFIXES)}) found")
+    combined = hashlib.sha256()
+    for name in sorted(files):
+        combined.update(f"{name}\0{files[name]}\n".encode())
+    return {"path": path, "sha256": combined.hexdigest(), "files": dict(sorted(files.items()))}
+
+
+def sort_predictions(predictions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Deterministic order: set, generator (paper order), key."""
+    preds = [dict(p) for p in predictions]
+    ranks = {g: i for i, g in enumerate(generator_order({p["generator"] for p in preds}))}
+    return sorted(preds, key=lambda p: (p["set"], ranks[p["generator"]], p["key"]))
+
+
+def write_predictions(path: str, predictions: Sequence[Mapping[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for p in predictions:
+            missing = [k for k in PREDICTION_FIELDS if k not in p]
+            if missing:
+                raise ValueError(f"prediction {p.get('key')!r} lacks fields {missing}")
+            row = {k: p[k] for k in PREDICTION_FIELDS}
+            row.update({k: p[k] for k in EXTRA_FIELDS if k in p})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_predictions(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _table(title: str, metrics: Mapping[str, Any], columns) -> list[str]:
+    lines = [f"**{title}**", "", "| Generator | " + " | ".join(h for _, h, _ in columns) + " |"]
+    lines.append("|---|" + "---:|" * len(columns))
+    rows = [(g, metrics["generators"][g]) for g in metrics["order"]]
+    # Average: the paper's row (mean over generators). All images: the set as
+    # one pool, the only defined AUC when each generator holds one class.
+    rows += [("**Average**", metrics["average"]), ("**All images**", metrics["pooled"])]
+    for name, m in rows:
+        lines.append(f"| {name} | " + " | ".join(format_value(m[k], kind) for k, _, kind in columns) + " |")
+    return lines + [""]
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """results.md: per set, one table per convention, generators as rows."""
+    c = results["counts"]
+    lines = [
+        "# Evaluation results",
+        "",
+        f"Checkpoint: `{results['checkpoint']['path']}` (sha256 `{results['checkpoint']['sha256'][:16]}`)",
+        "",
+        f"Images: {c['expected']} expected, {c['scored']} scored, {c['failed']} failed.",
+        "",
+        "Accuracies and the unparsed share in %, other metrics in [0, 1]. Average = mean over the",
+        "generators of the set; All images = the set as one pool. *Reference convention*: unparseable",
+        "answers are left out (as in the reference implementation). *Strict*: they count as wrong.",
+        "AUC/AP use the CPM's p(fake) of every image.",
+        "",
+    ]
+    for name, metrics in results["sets"].items():
+        sc = c["per_set"][name]
+        lines += [f"## {name}", "", f"{sc['expected']} expected, {sc['scored']} scored, {sc['failed']} failed.", ""]
+        lines += _table("Reference convention", metrics, REFERENCE_COLUMNS)
+        lines += _table("Strict convention", metrics, STRICT_COLUMNS)
+    return "\n".join(lines)
+
+
+def build_results(
+    predictions: Sequence[Mapping[str, Any]],
+    expected: Mapping[str, int],
+    failures: Sequence[Mapping[str, Any]],
+    checkpoint: Mapping[str, Any],
+    config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The results.json object; checks that expected = scored + failed per set."""
+    by_set: dict[str, list[Mapping[str, Any]]] = {}
+    for p in predictions:
+        by_set.setdefault(p["set"], []).append(p)
+    failed_by_set: dict[str, int] = {}
+    for f in failures:
+        failed_by_set[f["set"]] = failed_by_set.get(f["set"], 0) + 1
+    per_set = {}
+    # Sets in the caller's order (MMFR first, then benchmarks as given), then any other.
+    names = list(expected) + sorted((set(by_set) | set(failed_by_set)) - set(expected))
+    for name in names:
+        counts = {"expected": int(expected.get(name, 0)), "scored": len(by_set.get(name, [])),
+                  "failed": failed_by_set.get(name, 0)}
+        if counts["expected"] != counts["scored"] + counts["failed"]:
+            raise RuntimeError(
+                f"set {name!r}: {counts['expected']} images expected but {counts['scored']} scored "
+                f"+ {counts['failed']} failed; some images were lost or scored twice"
+            )
+        keys = [p["key"] for p in by_set.get(name, [])]
+        if len(keys) != len(set(keys)):
+            raise RuntimeError(f"set {name!r}: some images were scored more than once")
+        per_set[name] = counts
+    totals = {k: sum(s[k] for s in per_set.values()) for k in ("expected", "scored", "failed")}
+    return {
+        "version": RESULTS_VERSION,
+        "checkpoint": dict(checkpoint),
+        "config": dict(config),
+        "counts": {**totals, "per_set": per_set},
+        "sets": {name: set_metrics(by_set[name]) for name in names if name in by_set},
+        "failures": [dict(f) for f in failures],
+    }
+
+
+def write_report(
+    out_dir: str,
+    predictions: Sequence[Mapping[str, Any]],
+    expected: Mapping[str, int],
+    failures: Sequence[Mapping[str, Any]],
+    checkpoint: Mapping[str, Any],
+    config: Mapping[str, Any],
+    plots: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write every output into ``out_dir`` and return the results object
+    (``extra``: more top-level entries of results.json, e.g. timings)."""
+    os.makedirs(out_dir, exist_ok=True)
+    predictions = sort_predictions(predictions)
+    results = build_results(predictions, expected, failures, checkpoint, config)
+    results.update(extra or {})
+    write_predictions(os.path.join(out_dir, "predictions.jsonl"), predictions)
+    if plots:
+        from pipeline.evaluation.plots import write_plots
+
+        results["plots"] = write_plots(out_dir, predictions, results)
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(render_markdown(results))
+    return results
+
+
+def rebuild(results_dir: str, plots: bool = True) -> dict[str, Any]:
+    """Recompute results.json/.md and plots from an existing predictions.jsonl."""
+    with open(os.path.join(results_dir, "results.json"), encoding="utf-8") as f:
+        old = json.load(f)
+    preds = read_predictions(os.path.join(results_dir, "predictions.jsonl"))
+    expected = {k: v["expected"] for k, v in old["counts"]["per_set"].items()}
+    extra = {k: old[k] for k in ("run",) if k in old}
+    return write_report(results_dir, preds, expected, old["failures"], old["checkpoint"], old["config"], plots,
+                        extra)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description="Rebuild results.json, results.md and plots of an evaluation run from its predictions.jsonl "
+        "(e.g. after changing a metric), without running the model again."
+    )
+    ap.add_argument("results_dir", help="directory written by launch/eval.py")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = ap.parse_args(argv)
+    results = rebuild(args.results_dir, plots=not args.no_plots)
+    print(render_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The evaluation run: load the model once per rank, score this rank's images in
+batches, gather to rank 0, write the report, log to W&B.
+
+Each rank holds a full copy of the model (inference needs no ZeRO partitioning:
+the 13B model in bf16 fits a 40 GB GPU), so ranks never wait for each other
+until the final gather; `deepspeed` (or torchrun) is only the process launcher.
+Per batch: greedy (or sampled) generation with left padding, then one more
+forward over prompt + answer for the CPM's p(fake) at the answer's own
+"<CONCLUSION>This image is" (forced after the answer when it has none). CSS
+runs after generation on the rank's texts, with the CLIP text model loaded
+once per process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.evaluation.config import EvalConfig
+from pipeline.evaluation.data import enumerate_items, expected_counts, make_eval_loader, rank_slice
+from pipeline.evaluation.metrics import CSSScorer, text_scores
+from pipeline.evaluation.parsing import parse_answer
+from pipeline.evaluation.report import checkpoint_identity, write_report
+from sharding.schema import EVAL_QUESTION
+
+log = logging.getLogger(__name__)
+
+REFERENCE_MODEL_TYPE = "llava_llama"
+
+
+def load_model(cfg: EvalConfig):
+    """(model, tokenizer, format) for this project's formats or the reference's."""
+    from modeling.checkpoint import import_reference, load_checkpoint
+    from modeling.config import ModelConfig
+
+    d = Path(cfg.checkpoint)
+    meta: dict[str, Any] = {}
+    if (d / "config.json").is_file():
+        meta = json.loads((d / "config.json").read_text())
+    if meta.get("model_type") == REFERENCE_MODEL_TYPE or (d / "non_lora_trainables.bin").is_file():
+        base = ModelConfig.preset("paper")
+        if cfg.dtype:
+            base = ModelConfig.from_dict({"dtype": cfg.dtype}, base=base)
+        model, tok = import_reference(d, base, base_model_dir=cfg.reference_base_model)
+        return model, tok, "reference"
+    overrides = {"dtype": cfg.dtype} if cfg.dtype else None
+    model, tok = load_checkpoint(d, overrides)
+    return model, tok, "fakereasoning"
+
+
+class Scorer:
+    """Generation + parsing + p(fake) for batches of images (one model, one device)."""
+
+    def __init__(self, model, cfg: EvalConfig, device: torch.device):
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.device = device
+
+    @torch.inference_mode()
+    def score_batch(self, pixel_values: torch.Tensor, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        px = pixel_values.to(self.device)
+        prompts = [EVAL_QUESTION] * len(samples)
+        answers = self.model.generate(px, prompts, max_new_tokens=cfg.max_new_tokens,
+                                      do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0,
+                                      top_p=cfg.top_p)
+        p_fake = self.model.score_p_fake(px, prompts, answers).float().cpu().tolist()
+        rows = []
+        for s, answer, p in zip(samples, answers, p_fake):
+            parsed = parse_answer(answer)
+            rows.append({
+                "key": s["key"], "set": s["set"], "generator": s["generator"], "label": s["label"],
+                "pred": parsed.pred, "parse_status": parsed.parse_status,
+                "p_fake": None if math.isnan(p) else float(p), "reasoning": parsed.reasoning,
+                "reference": s["reference"], "answer": answer, "relpath": s["relpath"],
+                "shard": s["shard"], "index": s["index"],
+            })
+        return rows
+
+
+def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_progress: bool):
+    """(prediction rows without text scores, failure records) of a list of items."""
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    loader = make_eval_loader(items, image_processor, cfg.batch_size, cfg.num_workers)
+    bar = tqdm(total=len(items), unit="img", desc="eval", disable=not show_progress, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            for f in batch["failures"]:
+                failures.append({**f, "reason": f.pop("error")})
+            if batch["samples"]:
+                rows.extend(scorer.score_batch(batch["pixel_values"], batch["samples"]))
+            bar.update(len(batch["samples"]) + len(batch["failures"]))
+    finally:
+        bar.close()
+    return rows, failures
+
+
+def add_text_scores(rows: list[dict[str, Any]], css: CSSScorer | None) -> None:
+    scores = text_scores([r["reference"] for r in rows], [r["reasoning"] for r in rows], css)
+    for r, s in zip(rows, scores):
+        r.update(s)
+
+
+def _gather(obj: Any, rank: int, world_size: int) -> list[Any]:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size if rank == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
+    """Evaluate on every rank of the launched world; returns the results on rank 0."""
+    from modeling.image_processing import ImageProcessor
+    from pipeline.distributed import device as current_device
+    from pipeline.distributed import init_distributed
+
+    cfg.validate()
+    info = init_distributed()
+    rank, world = info.rank, info.world_size
+    torch.manual_seed(cfg.seed + rank)
+    dev = current_device()
+    t0 = time.perf_counter()
+    items = enumerate_items(cfg.sets(), cfg.limit)
+    mine = rank_slice(items, rank, world)
+    # Identity first: a report that cannot say which weights it scored is not written.
+    identity = checkpoint_identity(cfg.checkpoint) if rank == 0 else None
+    model, tokenizer, fmt = load_model(cfg)
+    t_load, c_load = time.perf_counter(), time.process_time()
+    scorer = Scorer(model, cfg, dev)
+    rows, failures = score_items(scorer, mine, ImageProcessor(model.config), cfg,
+                                 show_progress=cfg.progress and rank == 0)
+    t_gen, c_gen = time.perf_counter(), time.process_time()
+    css = CSSScorer(cfg.css_model, device=str(dev), batch_size=cfg.css_batch_size) if cfg.css_model else None
+    add_text_scores(rows, css)
+    t_text, c_text = time.perf_counter(), time.process_time()
+    # CPU seconds next to wall seconds: on a shared machine they show the work
+    # each rank did even when ranks competed for cores.
+    timing = {"rank": rank, "images": len(mine), "load_s": t_load - t0, "generate_s": t_gen - t_load,
+              "text_metrics_s": t_text - t_gen, "generate_cpu_s": c_gen - c_load,
+              "text_metrics_cpu_s": c_text - c_gen}
+    gathered = _gather((rows, failures, timing), rank, world)
+    if rank != 0:
+        return None
+    all_rows = [r for g in gathered for r in g[0]]
+    all_failures = [f for g in gathered for f in g[1]]
+    run = {"world_size": world, "backend": info.backend, "device": str(dev), "checkpoint_format": fmt,
+           "seconds": time.perf_counter() - t0, "per_rank": [g[2] for g in gathered],
+           "images_per_s_scoring": len(items) / max(max(g[2]["generate_s"] for g in gathered), 1e-9)}
+    results = write_report(cfg.out, all_rows, expected_counts(items), all_failures, identity,
+                           cfg.to_dict(), plots=cfg.plots, extra={"run": run})
+    log_to_wandb(cfg, results, all_rows)
+    return results
+
+
+def log_to_wandb(cfg: EvalConfig, results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Tables of every set and a sample of predictions with images (rank 0; offline safe)."""
+    from pipeline.tracking import start_tracking
+
+    tracker = start_tracking(cfg.wandb, cfg.wandb.dir or cfg.out, cfg.to_dict(), is_main=True)
+    if not tracker.active:
+        return
+    try:
+        import io
+
+        import wandb
+        from PIL import Image
+
+        from pipeline.evaluation.data import read_images
+        from pipeline.evaluation.report import REFERENCE_COLUMNS, STRICT_COLUMNS, format_value
+
+        payload: dict[str, Any] = {}
+        summary: dict[str, Any] = {}
+        for name, m in results["sets"].items():
+            for conv, columns in (("reference", REFERENCE_COLUMNS), ("strict", STRICT_COLUMNS)):
+                table = wandb.Table(columns=["generator"] + [h for _, h, _ in columns])
+                rows_ = [(g, m["generators"][g]) for g in m["order"]]
+                for g, vals in rows_ + [("average", m["average"]), ("all images", m["pooled"])]:
+                    table.add_data(g, *[format_value(vals[k], kind) for k, _, kind in columns])
+                payload[f"eval/{name}/{conv}"] = table
+            for k, v in m["average"].items():
+                if v is not None:
+                    summary[f"eval/{name}/average/{k}"] = v
+        step = max(1, len(rows) // max(1, cfg.wandb_samples))
+        sample = rows[::step][: cfg.wandb_samples]
+        images = read_images([(r["shard"], r["index"]) for r in sample])
+        table = wandb.Table(columns=["image", "set", "generator", "label", "pred", "parse_status", "p_fake",
+                                     "answer", "reference"])
+        for r, data in zip(sample, images):
+            img = wandb.Image(Image.open(io.BytesIO(data)).convert("RGB")) if data else None
+            table.add_data(img, r["set"], r["generator"], r["label"], r["pred"], r["parse_status"], r["p_fake"],
+                           r["answer"], r["reference"])
+        payload["eval/predictions"] = table
+        tracker.log(payload, step=0)
+        tracker.summary({**summary, "eval/counts": results["counts"]})
+    except Exception as exc:  # noqa: BLE001 - tracking never fails an evaluation
+        log.warning("W&B logging of the evaluation failed: %s", exc)
+    finally:
+        tracker.finish()

@@ -1,0 +1,126 @@
+"""End-to-end evaluation: a 2-rank run through the `deepspeed` launcher gives the
+same per-image predictions as a 1-process run, every image is scored exactly
+once, and the outputs agree with each other. Tiny random model, few images,
+real sharder, real launcher, W&B offline (nothing mocked)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                WANDB_SILENT="true", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+                # a world of one still binds MASTER_PORT: never the default other tests use
+                MASTER_PORT=str(_free_port()))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import io
+
+    from PIL import Image
+
+    from pipeline.evaluation.tiny import build_tiny_setup
+    from sharding.benchmarks.cli import main as shard_benchmark
+
+    root = tmp_path_factory.mktemp("eval")
+    s = build_tiny_setup(str(root), eval_images_per_generator=2)
+    bench = root / "chameleon"
+    for i, folder in enumerate(["0_real", "1_fake", "1_fake"]):
+        (bench / folder).mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (i * 60, 90, 200)).save(buf, "PNG")
+        (bench / folder / f"{i}.png").write_bytes(buf.getvalue())
+    assert shard_benchmark(["chameleon", str(bench), str(root / "bench"), "--workers", "1", "--no-progress"]) == 0
+    return s, str(root / "bench")
+
+
+def _eval_args(s, bench, out) -> list[str]:
+    return ["--checkpoint", s.model, "--shards", s.shards, "--benchmark", f"chameleon={bench}", "--out", str(out),
+            "--css-model", s.clip_text, "--batch-size", "3", "--max-new-tokens", "8", "--num-workers", "1",
+            "--no-progress"]
+
+
+def _predictions(out) -> list[dict]:
+    with open(os.path.join(out, "predictions.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(setup, tmp_path):
+    from pipeline.evaluation.metrics import set_metrics
+
+    s, bench = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = subprocess.run([PY, str(REPO / "launch" / "eval.py"), *_eval_args(s, bench, one),
+                          "--wandb-mode", "offline", "--wandb-dir", str(tmp_path / "wb")],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "| stablediffusion |" in res.stdout  # the results table is printed
+    deepspeed = shutil.which("deepspeed") or str(Path(PY).parent / "deepspeed")
+    res = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()),
+                          str(REPO / "launch" / "eval.py"), *_eval_args(s, bench, two), "--wandb-mode", "disabled"],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+    r1 = json.loads((one / "results.json").read_text())
+    r2 = json.loads((two / "results.json").read_text())
+    assert r1["run"]["world_size"] == 1 and r2["run"]["world_size"] == 2
+    assert [p["images"] for p in r2["run"]["per_rank"]] == [11, 12]  # 23 images split, no padding
+    total = s.images + 3
+    for r in (r1, r2):
+        assert r["counts"]["expected"] == r["counts"]["scored"] == total and r["counts"]["failed"] == 0
+        assert r["counts"]["per_set"] == {"mmfr": {"expected": 20, "scored": 20, "failed": 0},
+                                          "chameleon": {"expected": 3, "scored": 3, "failed": 0}}
+        assert r["checkpoint"]["sha256"] == r1["checkpoint"]["sha256"]
+
+    p1, p2 = _predictions(one), _predictions(two)
+    keys = [(p["set"], p["key"]) for p in p2]
+    assert len(keys) == len(set(keys)) == total  # every image exactly once
+    assert [(p["set"], p["key"]) for p in p1] == keys
+    for a, b in zip(p1, p2):
+        for field in ("generator", "label", "answer", "pred", "parse_status", "reasoning", "reference"):
+            assert a[field] == b[field], (a["key"], field)
+        assert a["p_fake"] == pytest.approx(b["p_fake"], abs=1e-5)
+        assert a["css"] == pytest.approx(b["css"], abs=1e-5) if a["css"] is not None else b["css"] is None
+
+    # Outputs consistent with each other: every table number follows from predictions.jsonl.
+    for out, r, preds in ((one, r1, p1), (two, r2, p2)):
+        for name in ("mmfr", "chameleon"):
+            recomputed = json.loads(json.dumps(set_metrics([p for p in preds if p["set"] == name])))
+            assert recomputed == r["sets"][name]
+        md = (out / "results.md").read_text()
+        assert "## mmfr" in md and "## chameleon" in md and md.count("**Average**") == 4
+        for png in ("accuracy_mmfr.png", "roc_mmfr.png", "accuracy_chameleon.png", "roc_chameleon.png"):
+            assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # detection-only benchmark: no text metrics; MMFR has references
+    assert r1["sets"]["chameleon"]["average"]["bleu1"] is None
+    assert r1["sets"]["mmfr"]["average"]["n_text"] == 20
+    # W&B offline run of the 1-process eval, read back with W&B's own CLI
+    logs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))
+    assert len(logs) == 1
+    wandb_cli = str(Path(PY).parent / "wandb")
+    res = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", logs[0]], capture_output=True,
+                         text=True, timeout=120)
+    summary = json.loads(res.stdout)["summary"]
+    assert summary["eval/counts"]["scored"] == total
+    assert summary["eval/mmfr/average/n"] == 20
+    assert summary["eval/predictions"]["nrows"] == min(32, total) and summary["eval/mmfr/reference"]["nrows"] == 12
