@@ -18,7 +18,10 @@ a full decode of every image would dominate the run. Instead:
 * Both walks read width and height from the header themselves (IHDR, SOFn),
   so PNG and JPEG never go through PIL at all.
 * Other formats (WebP, GIF, BMP, TIFF) are rare in MMFR: PIL reads the header
-  and fully decodes them.
+  and fully decodes them. PIL is imported only then (it is a visible share of
+  the CLI's start-up), and the plugin matching the file's magic bytes is
+  imported first, so that PIL does not load all of its ~50 plugins to open a
+  WebP (an unrecognised file still goes through every plugin, as before).
 
 Every problem is raised as `BadImage(reason, detail)` with a reason from
 `REASONS`, so that rejections can be counted per reason.
@@ -31,8 +34,6 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-
-from PIL import Image
 
 # Reasons an image can be rejected, documented once.
 REASONS: dict[str, str] = {
@@ -201,7 +202,28 @@ def inspect_image(data: bytes, max_pixels: int | None = None, level: str = "stru
     return info
 
 
+# Magic bytes -> the PIL plugin that reads them (formats outside Image.preinit()).
+_PLUGIN_BY_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (8, b"WEBP", "WebPImagePlugin"),  # RIFF....WEBP
+    (0, b"II*\0", "TiffImagePlugin"),
+    (0, b"MM\0*", "TiffImagePlugin"),
+)
+
+
+def _import_pil(data: bytes):
+    """PIL.Image, with the plugin for `data`'s format registered (if known)."""
+    import importlib
+
+    from PIL import Image
+    for offset, magic, plugin in _PLUGIN_BY_MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            importlib.import_module(f"PIL.{plugin}")
+            break
+    return Image
+
+
 def _inspect_with_pil(data: bytes, max_pixels: int | None, level: str) -> ImageInfo:
+    Image = _import_pil(data)
     with warnings.catch_warnings():
         # Our own --max-pixels check replaces PIL's decompression-bomb guard.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -231,8 +253,10 @@ def _inspect_with_pil(data: bytes, max_pixels: int | None, level: str) -> ImageI
 def read_image_bytes(path: str) -> bytes:
     """Read a file whole; missing/unreadable files raise BadImage."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        # Unbuffered: FileIO.readall sizes its buffer from fstat and reads in
+        # C, without the BufferedReader that open(path, "rb") would build.
+        with open(path, "rb", buffering=0) as fh:
+            return fh.readall()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise BadImage("missing", path) from None
     except OSError as exc:

@@ -72,15 +72,34 @@ def _norm(path: str) -> str:
     return p.lstrip("/")
 
 
-def _walk(root: str, sub: str) -> list[str]:
-    """Root-relative paths of all files under root/sub, sorted."""
+def _walk(root: str, sub: str, entries: dict[str, os.DirEntry]) -> list[str]:
+    """Root-relative paths of all files under root/sub, sorted.
+
+    Like os.walk (no descent into symlinked folders, unreadable folders
+    skipped), but each file's DirEntry goes into `entries`, so that `_stat`
+    needs no path building and its stat() is the only stat call per image.
+    """
     out = []
-    top = os.path.join(root, sub)
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        out.extend(f"{rel}/{f}" for f in filenames)
-    return sorted(out)
+    stack = [sub]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, rel)) as it:
+                for e in it:
+                    try:
+                        is_dir = e.is_dir()
+                    except OSError:
+                        is_dir = False
+                    if not is_dir:
+                        r = f"{rel}/{e.name}"
+                        out.append(r)
+                        entries[r] = e
+                    elif not e.is_symlink():
+                        stack.append(f"{rel}/{e.name}")
+        except OSError:
+            continue
+    out.sort()
+    return out
 
 
 def set_of(relpath: str) -> str | None:
@@ -178,9 +197,11 @@ def _read_reasoning(root: str, json_rel: str, set_name: str, on_disk: set[str],
     return out
 
 
-def _stat(root: str, rel: str) -> tuple[int, str] | None:
+def _stat(root: str, rel: str, entries: dict[str, os.DirEntry]) -> tuple[int, str] | None:
+    """(size, fingerprint) of a regular file (symlinks followed), None if there is none."""
     try:
-        st = os.stat(os.path.join(root, rel))
+        e = entries.get(rel)
+        st = e.stat() if e is not None else os.stat(os.path.join(root, rel))
     except OSError:
         return None
     if not stat.S_ISREG(st.st_mode):
@@ -194,14 +215,15 @@ def scan_mmfr(root: str, strict: bool = False) -> MMFRScan:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"MMFR root {root} is not a directory")
     scan = MMFRScan()
-    files = _walk(root, "diffusiondb") + _walk(root, "laion")
+    entries: dict[str, os.DirEntry] = {}
+    files = _walk(root, "diffusiondb", entries) + _walk(root, "laion", entries)
     eval_root = os.path.join(root, EVAL_DIR)
     gens = sorted(os.listdir(eval_root)) if os.path.isdir(eval_root) else []
     gens = [g for g in gens if os.path.isdir(os.path.join(eval_root, g))]
     # Reference order first, then any extra generator folder alphabetically.
     gens = [g for g in schema.GENERATORS if g in gens] + [g for g in gens if g not in schema.GENERATORS]
     for g in gens:
-        files += _walk(root, f"{EVAL_DIR}/{g}")
+        files += _walk(root, f"{EVAL_DIR}/{g}", entries)
     reasoning_files = [f"{s}/{s}_reasoning.json" for s in schema.TRAIN_SOURCES]
     reasoning_files += [f"{EVAL_DIR}/{g}/{g}_reasoning.json" for g in gens]
     images = {f for f in files if _ext(f) in schema.IMAGE_EXTENSIONS}
@@ -236,7 +258,7 @@ def scan_mmfr(root: str, strict: bool = False) -> MMFRScan:
                 scan.reject(set_name, Rejection(rel, "unknown_label_folder",
                                                 "evaluation images must be under 0_real/ or 1_fake/"), strict)
                 continue
-        st = _stat(root, rel) if rel in images else None
+        st = _stat(root, rel, entries) if rel in images else None
         if st is None:
             scan.reject(set_name, Rejection(rel, "missing", "referenced by an annotation but not on disk"), strict)
             continue

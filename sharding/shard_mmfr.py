@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "sets": {n: {"inputs": m["inputs"], "totals": m["totals"],
                              "rejected_by_reason": m["rejected_by_reason"]}
                          for n, m in summary.manifests.items()}}
-    write_atomic(os.path.join(args.out_dir, "summary.json"), dumps(overview))
+    # Like the manifests, forced to disk only under --fsync.
+    write_atomic(os.path.join(args.out_dir, "summary.json"), dumps(overview), opts.fsync)
     print(f"sharded {root} -> {os.path.abspath(args.out_dir)}")
     print_summary(summary)
     return 0

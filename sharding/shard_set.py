@@ -24,14 +24,11 @@ import fcntl
 import glob
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
-
-from tqdm import tqdm
 
 from . import manifest as mf
 from .tar_writer import (BLOCK, Rejection, ShardJob, ShardResult, ShardSample, jobs_fingerprint,
@@ -100,7 +97,25 @@ def estimate_bytes(s: ShardSample) -> int:
 
 
 def _approx_len(obj: Any) -> int:
-    """Rough JSON length of metadata (cheaper than serialising it)."""
+    """Rough JSON length of metadata (cheaper than serialising it).
+
+    The exact-type branches are a fast path (strings inline, no recursion for
+    them) giving the same numbers as the isinstance rules below, which the
+    plan depends on: a changed estimate would move shard boundaries.
+    """
+    t = type(obj)
+    if t is str:
+        return len(obj) + 3
+    if t is dict:
+        n = 2
+        for k, v in obj.items():
+            n += len(k) + 4 + (len(v) + 3 if type(v) is str else _approx_len(v))
+        return n
+    if t is list:
+        n = 2
+        for v in obj:
+            n += (len(v) + 4 if type(v) is str else _approx_len(v) + 1)
+        return n
     if isinstance(obj, str):
         return len(obj) + 3
     if isinstance(obj, dict):
@@ -271,33 +286,58 @@ def _record_path(state: str, job: ShardJob) -> str:
     return os.path.join(state, job.set_name, shard_name(job.index).replace(".tar", ".json"))
 
 
+# Jobs of the current pool, inherited by forked workers, which then receive
+# only an index: pickling every job's samples (metadata with all the
+# conversations) through the pool's pipe cost as much as writing them.
+_FORKED_JOBS: list[ShardJob] = []
+
+
+def _write_forked(i: int) -> ShardResult:
+    return write_shard(_FORKED_JOBS[i])
+
+
 def _run_jobs(todo: list[ShardJob], state: str, opts: ShardOptions,
               results: dict[tuple[str, int], ShardResult]) -> None:
     # Biggest shards first, so that the last worker to finish is not left
     # with one large shard while the others idle.
     todo = sorted(todo, key=lambda j: -sum(s.size for s in j.samples))
     total = sum(len(j.samples) for j in todo)
-    bar = tqdm(total=total, unit="img", desc="sharding", disable=not opts.progress or total == 0,
-               dynamic_ncols=True)
-
-    def done(job_key: tuple[str, int], res: ShardResult, job: ShardJob) -> None:
-        mf.write_atomic(_record_path(state, job), mf.dumps(res.to_dict()), opts.fsync)
-        results[job_key] = res
-        bar.update(res.inputs)
-
+    parallel = opts.workers > 1 and len(todo) > 1
+    pool, fn, items = None, write_shard, todo
+    bar = None
     try:
-        if opts.workers <= 1 or len(todo) <= 1:
-            for job in todo:
-                done((job.set_name, job.index), write_shard(job), job)
-            return
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        if parallel:
+            import multiprocessing as mp  # only a parallel run needs it
+
+            if "fork" in mp.get_all_start_methods():
+                # fork: workers start in milliseconds with everything imported
+                # and the plan in memory (spawn/forkserver would re-import and
+                # unpickle it). The pool starts before the progress bar, whose
+                # monitor thread must not be running when the process forks.
+                _FORKED_JOBS[:] = todo
+                ctx, fn, items = mp.get_context("fork"), _write_forked, range(len(todo))
+            else:
+                ctx = mp.get_context()
+            pool = ctx.Pool(min(opts.workers, len(todo)))
+        if opts.progress and total:
+            from tqdm import tqdm  # imported only when shown: a visible share of start-up
+
+            bar = tqdm(total=total, unit="img", desc="sharding", dynamic_ncols=True)
         by_key = {(j.set_name, j.index): j for j in todo}
-        with ctx.Pool(min(opts.workers, len(todo))) as pool:
-            for res in pool.imap_unordered(write_shard, todo, chunksize=1):
-                key = (res.set_name, res.index)
-                done(key, res, by_key[key])
+        outcomes = pool.imap_unordered(fn, items, chunksize=1) if pool is not None else map(fn, items)
+        for res in outcomes:
+            key = (res.set_name, res.index)
+            mf.write_atomic(_record_path(state, by_key[key]), mf.dumps(res.to_dict()), opts.fsync)
+            results[key] = res
+            if bar is not None:
+                bar.update(res.inputs)
     finally:
-        bar.close()
+        if pool is not None:
+            pool.terminate()  # what `with Pool` does on exit; all results are in by now
+            pool.join()
+        _FORKED_JOBS.clear()
+        if bar is not None:
+            bar.close()
 
 
 def write_shard_set(samples: Sequence[ShardSample], out_dir: str, opts: ShardOptions,
