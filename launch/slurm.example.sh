@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# SLURM example: N nodes x 8 GPUs, the paper recipe. Submit with
+#   sbatch --nodes=2 launch/slurm.example.sh data.train_shards=/data/mmfr-shards/train
+# Every rank resumes from the newest complete checkpoint (checkpoint.resume=auto),
+# so the same script continues a preempted or timed-out job (--requeue).
+#SBATCH --job-name=fakereasoning
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=12:00:00
+#SBATCH --requeue
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+mkdir -p logs
+
+# A hostfile for the deepspeed launcher from the SLURM allocation.
+HOSTFILE="logs/hostfile-${SLURM_JOB_ID}"
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed 's/$/ slots=8/' > "$HOSTFILE"
+MASTER_ADDR=$(head -n1 "$HOSTFILE" | cut -d' ' -f1)
+
+# Variables the launcher does not forward to other nodes go in .deepspeed_env
+# (KEY=VALUE per line, no blank lines).
+{
+  [ -n "${WANDB_API_KEY:-}" ] && echo "WANDB_API_KEY=${WANDB_API_KEY}"
+  echo "WANDB_MODE=${WANDB_MODE:-online}"
+  echo "HF_HUB_OFFLINE=1"
+  echo "OMP_NUM_THREADS=8"
+} > .deepspeed_env
+
+.venv/bin/deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port 29500 \
+  launch/train.py --config launch/recipes/fakereasoning-13b.yaml \
+  output_dir="runs/fakereasoning-13b" checkpoint.resume=auto "$@"

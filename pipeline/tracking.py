@@ -1,0 +1,152 @@
+"""Weights & Biases tracking that can never stop or slow training.
+
+Only global rank 0 creates a run (the others get a no-op tracker). The mode
+"auto" goes online only when credentials exist (WANDB_API_KEY or a netrc
+entry for the W&B host) and otherwise offline, so a laptop, a CI runner and a
+compute node without internet all just work. An online init that fails or
+exceeds `wandb.init_timeout` falls back to offline, and an offline init that
+fails falls back to disabled with a logged warning; logging errors are caught
+and turn the tracker off. A resumed run reuses its run id (resume="allow").
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import time
+from typing import Any
+
+from pipeline.config import WandbConfig
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    from wandb.sdk.lib.runid import generate_id
+
+    return generate_id()
+
+
+def has_credentials() -> bool:
+    """An API key in the environment or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """"auto" -> online with credentials, offline without; WANDB_MODE set by the
+    user wins over "auto" (it is W&B's own documented switch)."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if has_credentials() else "offline"
+
+
+class Tracker:
+    """Thin, failure-proof wrapper around one wandb run."""
+
+    def __init__(self, run: Any = None, mode: str = "disabled", run_id: str | None = None):
+        self.run = run
+        self.mode = mode
+        self.run_id = run_id
+        self.run_dir: str | None = None
+        """The run's folder (…/wandb/offline-run-…) holding its .wandb log; kept after finish()."""
+        if run is not None:
+            try:
+                self.run_dir = os.path.dirname(run.dir)
+            except Exception:  # noqa: BLE001 - tracking must not fail training
+                pass
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(metrics, step=step)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B log failed (%s); tracking disabled for the rest of the run", e)
+            self.run = None
+
+    def update_config(self, values: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.config.update(values, allow_val_change=True)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B config update failed: %s", e)
+
+    def summary(self, values: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            for k, v in values.items():
+                self.run.summary[k] = v
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B summary update failed: %s", e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B finish failed: %s", e)
+        self.run = None
+
+
+def start_tracking(cfg: WandbConfig, root_dir: str, config: dict, *, is_main: bool,
+                   run_id: str | None = None) -> Tracker:
+    """A Tracker for this rank: a real run on global rank 0, a no-op elsewhere.
+
+    `run_id`: the id stored in a checkpoint when resuming (the same run
+    continues); None starts a new id, which the caller stores in checkpoints.
+    """
+    if not is_main:
+        return Tracker(run_id=run_id)
+    run_id = run_id or new_run_id()
+    mode = resolve_mode(cfg.mode)
+    if mode == "disabled":
+        return Tracker(mode="disabled", run_id=run_id)
+    os.makedirs(root_dir, exist_ok=True)
+    attempts = [mode] + (["offline"] if mode == "online" else [])
+    for attempt in attempts:
+        run = _try_init(cfg, root_dir, config, attempt, run_id)
+        if run is not None:
+            return Tracker(run, attempt, run_id)
+    log.warning("W&B could not start in %s mode; training continues without tracking",
+                " or ".join(attempts))
+    return Tracker(mode="disabled", run_id=run_id)
+
+
+def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: str):
+    import wandb
+
+    t0 = time.monotonic()
+    try:
+        settings = wandb.Settings(init_timeout=cfg.init_timeout, silent=True,
+                                  x_disable_stats=False, console="off")
+        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
+                          tags=list(cfg.tags) or None, dir=root_dir, config=config, id=run_id,
+                          resume="allow", mode=mode, settings=settings)
+    except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running
+        log.warning("W&B init in %s mode failed after %.1fs: %s", mode, time.monotonic() - t0, e)
+        # The W&B service still holds the run id of the failed attempt ("run ID is in
+        # use"); shutting it down lets the fallback start the same id afresh.
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001
+            pass
+        return None

@@ -1,0 +1,237 @@
+"""Crash-safe checkpoints, resume, and the final export.
+
+Layout under the checkpoint folder:
+
+  ds_config.json            the DeepSpeed JSON the run used
+  zero_to_fp32.py           DeepSpeed's consolidation script (copied by DeepSpeed)
+  latest                    DeepSpeed's own pointer (written before every rank is done: not trusted)
+  latest_complete           our pointer: the tag of the newest complete checkpoint
+  global_step<N>/           one DeepSpeed tag (model + optimizer partitions + client state)
+  global_step<N>/COMPLETE   written by rank 0 after every rank has finished writing
+
+A checkpoint counts only if its COMPLETE marker exists. The marker is written
+(atomically, fsync'd) after DeepSpeed's closing barrier, and the pointer is
+updated (atomic rename) after the marker, so a kill at any moment leaves
+either the previous complete checkpoint or the new one as "newest complete",
+never a half-written one. `resume: auto` also survives a lost or stale
+pointer: it takes the highest step among tags that have a marker.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+from pipeline import distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+POINTER = "latest_complete"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved as DeepSpeed client state."""
+
+    global_step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Current data epoch (0-based)."""
+    batch_in_epoch: int = 0
+    """Micro-batches of `epoch` this rank has consumed (the loader's start_batch on resume)."""
+    samples_seen: int = 0
+    """Training samples consumed over all ranks."""
+    skipped_batches: int = 0
+    """Micro-batches skipped for a non-finite loss (nonfinite: skip)."""
+    data_seed: int = 0
+    """data.seed of the run (the stream is a function of it)."""
+    wandb_run_id: str | None = None
+    """W&B run to continue on resume."""
+    world_size: int = 1
+    """Ranks of the run that wrote the checkpoint (the stream depends on it)."""
+    extra: dict = field(default_factory=dict)
+    """Anything else worth keeping (config snapshot, timings)."""
+
+    def to_client_state(self, config: dict) -> dict:
+        d = asdict(self)
+        d["config"] = config
+        return {"train_state": d}
+
+    @classmethod
+    def from_client_state(cls, client: dict) -> "TrainState":
+        d = dict(client.get("train_state") or {})
+        if not d:
+            raise ValueError("the checkpoint has no train_state client state (not written by this pipeline)")
+        d.pop("config", None)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(ckpt_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE))
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Complete tags, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if step_of(t) is not None and is_complete(ckpt_dir, t)]
+    return sorted(tags, key=step_of)
+
+
+def newest_complete(ckpt_dir: str) -> str | None:
+    """The pointer's tag when it is valid, else the highest complete step."""
+    pointer = os.path.join(ckpt_dir, POINTER)
+    tags = complete_tags(ckpt_dir)
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            tag = f.read().strip()
+        if tag and is_complete(ckpt_dir, tag) and (not tags or step_of(tag) == step_of(tags[-1])):
+            return tag
+    except FileNotFoundError:
+        pass
+    return tags[-1] if tags else None
+
+
+def resolve_resume(resume: str | None, ckpt_dir: str) -> tuple[str, str] | None:
+    """(checkpoint folder, tag) to resume from, or None for a fresh start."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        tag = newest_complete(ckpt_dir)
+        return (ckpt_dir, tag) if tag else None
+    path = os.path.abspath(resume.rstrip("/"))
+    parent, tag = os.path.dirname(path), os.path.basename(path)
+    if not is_complete(parent, tag):
+        raise FileNotFoundError(f"checkpoint.resume={resume}: no {COMPLETE} marker in {path}; "
+                                "it is not a complete checkpoint of this pipeline")
+    return parent, tag
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(ckpt_dir: str, tag: str, state: TrainState) -> None:
+    """Rank 0, after every rank finished writing `tag`: marker, then pointer."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    files = {}
+    for root, _, names in os.walk(tag_dir):
+        for n in names:
+            p = os.path.join(root, n)
+            files[os.path.relpath(p, tag_dir)] = os.path.getsize(p)
+    marker = {"tag": tag, "global_step": state.global_step, "epoch": state.epoch,
+              "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+    _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps(marker, indent=1, sort_keys=True))
+    _write_atomic(os.path.join(ckpt_dir, POINTER), tag)
+
+
+def prune(ckpt_dir: str, keep_last: int) -> list[str]:
+    """Delete complete checkpoints beyond the newest `keep_last`, and incomplete
+    tags older than the newest complete one (leftovers of interrupted saves)."""
+    tags = complete_tags(ckpt_dir)
+    removed = []
+    doomed = tags[:-keep_last] if keep_last > 0 else []
+    if tags:
+        newest = step_of(tags[-1])
+        for t in os.listdir(ckpt_dir):
+            s = step_of(t)
+            if s is not None and s < newest and not is_complete(ckpt_dir, t):
+                doomed.append(t)
+    for t in doomed:
+        path = os.path.join(ckpt_dir, t)
+        # Drop the marker first: a crash during rmtree leaves an incomplete tag, never a
+        # "complete" one with missing files.
+        try:
+            os.remove(os.path.join(path, COMPLETE))
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(t)
+    return removed
+
+
+def save_checkpoint(engine, ckpt_dir: str, state: TrainState, config: dict, keep_last: int,
+                    is_main: bool) -> str:
+    """All ranks: a DeepSpeed checkpoint of the current step, then the marker."""
+    tag = tag_for(state.global_step)
+    t0 = time.monotonic()
+    dist.save_engine_checkpoint(engine, ckpt_dir, tag, state.to_client_state(config))
+    # DeepSpeed's save ends with a barrier, but its last file writes may be
+    # asynchronous in other checkpoint engines: one more barrier after they return.
+    dist.barrier()
+    if is_main:
+        mark_complete(ckpt_dir, tag, state)
+        removed = prune(ckpt_dir, keep_last)
+        log.info("checkpoint %s complete in %.1fs%s", os.path.join(ckpt_dir, tag), time.monotonic() - t0,
+                 f" (removed {', '.join(removed)})" if removed else "")
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str, tag: str) -> TrainState:
+    """All ranks: restore model, optimizer, scheduler and the training state."""
+    client = dist.load_engine_checkpoint(engine, ckpt_dir, tag)
+    state = TrainState.from_client_state(client)
+    if engine.global_steps != state.global_step:
+        raise RuntimeError(f"checkpoint {tag}: engine step {engine.global_steps} != saved global_step "
+                           f"{state.global_step}")
+    return state
+
+
+# --------------------------------------------------------------------------- final export
+
+def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int) -> dict[str, str]:
+    """Every rank: gather the ZeRO-3 partitions; rank 0 writes
+
+      <out_dir>/trainable/   LoRA adapter + the non-LoRA trainables (modeling.checkpoint.save_trainable)
+      <out_dir>/merged/      the merged model directory (modeling.checkpoint.export_merged)
+
+    `build_plain_model()` makes an unpartitioned model of the same architecture
+    on rank 0, into which the gathered full state dict is loaded.
+    """
+    from modeling.checkpoint import export_merged, save_trainable
+
+    state = dist.gather_state_dict(model, rank)
+    paths = {"trainable": os.path.join(out_dir, "trainable"), "merged": os.path.join(out_dir, "merged")}
+    if rank == 0:
+        with dist.plain_construction():
+            plain = build_plain_model()
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"export: gathered state does not fit the model "
+                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        plain.eval()
+        for p in paths.values():
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+        save_trainable(plain, paths["trainable"])
+        export_merged(plain, tokenizer, paths["merged"])
+    dist.barrier()
+    return paths

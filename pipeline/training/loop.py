@@ -1,0 +1,257 @@
+"""The training loop, in small functions.
+
+`run_loop` walks micro-batches across epochs; each goes through
+`train_micro_batch` (forward, the finite-loss check agreed by all ranks,
+backward, DeepSpeed step: DeepSpeed itself accumulates gradients and steps the
+optimizer, the LambdaLR schedule and clipping at accumulation boundaries).
+After every optimizer step `log_step` reports and `should_checkpoint` decides
+on a save. Dropout is seeded from (seed, rank, step, micro-batch) at every
+micro-batch, so a resumed run draws the same masks as an uninterrupted one
+without any RNG state in the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from pipeline import distributed as dist
+from pipeline.training.checkpointing import TrainState
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels", "forgery_labels")
+# Layout of the per-micro-batch all-reduced statistics.
+_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE = range(8)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss with nonfinite: stop."""
+
+
+@dataclass
+class StepAccumulator:
+    """Global sums over the micro-batches of one optimizer step."""
+
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(8, dtype=torch.float64))
+    micro: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    lrs: list[float] = field(default_factory=list)
+    """Learning rates the step's update used (read before the scheduler advances)."""
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums += stats
+        self.micro += 1
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """Seed of the dropout masks of one micro-batch (resume-invariant)."""
+    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
+
+
+def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    missing = [k for k in MODEL_INPUTS if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing} (keys: {sorted(batch)})")
+    out = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def micro_stats(out: Any, batch: dict, world_size: int, image_tokens: int) -> torch.Tensor:
+    """This rank's statistics of one micro-batch (all-reduced by the caller)."""
+    s = torch.zeros(8, dtype=torch.float64)
+    loss = out.loss.detach().float()
+    finite = bool(torch.isfinite(loss))
+    s[_NONFINITE] = 0.0 if finite else 1.0
+    # Non-finite values would poison the sums of every rank; the flag carries the news.
+    s[_LOSS] = loss.item() if finite else 0.0
+    for idx, name in ((_LM, "lm_loss"), (_CPM, "cpm_loss")):
+        v = getattr(out, name, None)
+        if v is not None and finite:
+            s[idx] = float(v.detach().float())
+    correct = getattr(out, "cpm_correct", None)
+    if correct is not None:
+        s[_CORRECT] = float(correct.detach().float().sum())
+    n = batch["input_ids"].shape[0]
+    s[_N] = n
+    # LLM positions: text tokens plus the image tokens that replace the placeholder.
+    s[_TOKENS] = float(batch["attention_mask"].sum()) + n * (image_tokens - 1)
+    s[_BAD] = float(batch.get("bad_samples", 0) or 0)
+    return s
+
+
+def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulator, *, rank: int,
+                      world_size: int, seed: int, policy: str, dtype: torch.dtype,
+                      image_tokens: int) -> bool:
+    """One micro-batch. Returns True when it completed an optimizer step.
+
+    The finite check is agreed on by all ranks (one all-reduce that also
+    carries the logging statistics), so every rank stops or skips together and
+    no rank is left waiting in a collective.
+    """
+    torch.manual_seed(step_seed(seed, rank, state.global_step, acc.micro))
+    out = engine(**model_inputs(batch, dist.device(), dtype))
+    stats = dist.all_reduce_sum(micro_stats(out, batch, world_size, image_tokens))
+    if stats[_NONFINITE] > 0:
+        keys = dist.all_gather_objects(list(batch.get("keys", [])))
+        where = (f"non-finite loss at optimizer step {state.global_step + 1} (micro-batch {acc.micro}, "
+                 f"epoch {state.epoch}, batch {state.batch_in_epoch - 1} of the epoch) on "
+                 f"{int(stats[_NONFINITE])} rank(s); batch keys per rank: {keys}")
+        if policy == "stop":
+            raise NonFiniteLossError(where)
+        log.warning("skipping micro-batch: %s", where)
+        state.skipped_batches += 1
+        del out
+        return False
+    boundary = engine.is_gradient_accumulation_boundary()
+    if boundary:
+        acc.lrs = dist.current_lrs(engine)
+    engine.backward(out.loss)
+    engine.step()
+    acc.add(stats)
+    state.samples_seen += int(stats[_N])
+    return boundary
+
+
+def should_checkpoint(step: int, every: int, total: int) -> bool:
+    """Every `every` steps (never twice at the end: the final save covers it)."""
+    return every > 0 and step % every == 0 and step < total
+
+
+def step_metrics(engine, acc: StepAccumulator, state: TrainState, batches_per_epoch: int,
+                 world_size: int) -> dict[str, float]:
+    s = acc.sums
+    elapsed = max(time.perf_counter() - acc.started, 1e-9)
+    ranks_micro = max(acc.micro * world_size, 1)
+    lrs = acc.lrs or dist.current_lrs(engine)
+    m = {
+        "train/loss": s[_LOSS].item() / ranks_micro,
+        "train/lm_loss": s[_LM].item() / ranks_micro,
+        "train/cpm_loss": s[_CPM].item() / ranks_micro,
+        "train/cpm_acc": s[_CORRECT].item() / max(s[_N].item(), 1),
+        "train/lr": lrs[0],
+        "train/epoch": state.epoch + state.batch_in_epoch / max(batches_per_epoch, 1),
+        "train/samples_seen": float(state.samples_seen),
+        "train/bad_samples": s[_BAD].item(),
+        "train/skipped_batches": float(state.skipped_batches),
+        "perf/samples_per_s": s[_N].item() / elapsed,
+        "perf/tokens_per_s": s[_TOKENS].item() / elapsed,
+        "perf/step_time_s": elapsed,
+    }
+    if len(lrs) > 1:
+        m["train/lr_max_group"] = max(lrs)
+    gn = dist.global_grad_norm(engine)
+    if gn is not None:
+        m["train/grad_norm"] = gn
+    m.update(memory_metrics())
+    return m
+
+
+def memory_metrics() -> dict[str, float]:
+    out = {}
+    try:
+        import psutil
+
+        out["memory/rss_gb"] = psutil.Process().memory_info().rss / 2**30
+    except Exception:  # noqa: BLE001 - metrics must not fail training
+        pass
+    out["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if torch.cuda.is_available():
+        out["memory/gpu_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+        out["memory/gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def log_step(metrics: dict[str, float], step: int, total: int, tracker, metrics_file: str | None,
+             progress) -> None:
+    """Rank 0: W&B, the metrics.jsonl next to the run, and the progress bar."""
+    tracker.log(metrics, step=step)
+    if metrics_file is not None:
+        with open(metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix_str(
+            f"loss {metrics['train/loss']:.3f} cpm_acc {metrics['train/cpm_acc']:.2f} "
+            f"lr {metrics['train/lr']:.2e} {metrics['perf/samples_per_s']:.1f} samples/s", refresh=False)
+
+
+@dataclass
+class LoopContext:
+    """What the loop needs besides the engine and the state."""
+
+    make_loader: Callable[[int, int], Any]
+    """(epoch, start_batch) -> an iterable of this rank's batches."""
+    batches_per_epoch: int
+    total_steps: int
+    rank: int
+    world_size: int
+    seed: int
+    nonfinite: str
+    dtype: torch.dtype
+    image_tokens: int
+    log_every: int
+    checkpoint_every: int
+    save: Callable[[TrainState], None]
+    tracker: Any
+    metrics_file: str | None
+    progress: Any = None
+    stop_step: int | None = None
+    """Leave the loop at this step (<= total_steps) without changing the schedule."""
+
+    @property
+    def end_step(self) -> int:
+        return min(self.total_steps, self.stop_step or self.total_steps)
+
+
+def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
+    """Train until state.global_step reaches ctx.end_step."""
+    engine.train()
+    acc = StepAccumulator()
+    while state.global_step < ctx.end_step:
+        if state.batch_in_epoch >= ctx.batches_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        for batch in ctx.make_loader(state.epoch, state.batch_in_epoch):
+            state.batch_in_epoch += 1
+            stepped = train_micro_batch(engine, batch, state, acc, rank=ctx.rank, world_size=ctx.world_size,
+                                        seed=ctx.seed, policy=ctx.nonfinite, dtype=ctx.dtype,
+                                        image_tokens=ctx.image_tokens)
+            if not stepped:
+                continue
+            state.global_step += 1
+            if state.global_step % ctx.log_every == 0 or state.global_step == ctx.total_steps:
+                metrics = step_metrics(engine, acc, state, ctx.batches_per_epoch, ctx.world_size)
+                if ctx.rank == 0:
+                    log_step(metrics, state.global_step, ctx.total_steps, ctx.tracker, ctx.metrics_file,
+                             ctx.progress)
+                    check_metrics(metrics, state.global_step)
+            elif ctx.progress is not None:
+                ctx.progress.update(1)
+            acc = StepAccumulator()
+            if should_checkpoint(state.global_step, ctx.checkpoint_every, ctx.end_step):
+                ctx.save(state)
+            if state.global_step >= ctx.end_step:
+                break
+        else:
+            # The epoch's batches are exhausted; the next pass of the while opens the next epoch.
+            state.batch_in_epoch = ctx.batches_per_epoch
+    return state
+
+
+def check_metrics(metrics: dict[str, float], step: int) -> None:
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        log.warning("step %d: non-finite metrics %s", step, bad)
+
+
+def rank_file(path: str, rank: int) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.rank{rank}{ext}"

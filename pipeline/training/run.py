@@ -1,0 +1,222 @@
+"""One training run, start to end: process group, tokenizer, model under ZeRO,
+engine, resume, tracking, the loop, the final checkpoint and the export.
+
+`train(cfg)` is what `launch/train.py` hands off to; every rank runs it.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import tarfile
+import time
+
+import torch
+import yaml
+
+from pipeline import distributed as dist
+from pipeline.config import TrainConfig
+from pipeline.training import checkpointing as ckpt
+from pipeline.training.loop import LoopContext, run_loop
+from pipeline.training.schedule import build_schedule
+
+log = logging.getLogger("pipeline.training")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def shard_corpus(train_shards: str, limit: int):
+    """Question and answer texts of the first `limit` samples of the training shards."""
+    paths = sorted(glob.glob(os.path.join(train_shards, "*.tar"))) if os.path.isdir(train_shards) else []
+    if not paths:
+        raise FileNotFoundError(f"tokenizer.path is null, so the tokenizer is built from data.train_shards, "
+                                f"but {train_shards} holds no *.tar shard; set tokenizer.path")
+    n = 0
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                meta = json.load(tar.extractfile(member))
+                for conv in meta.get("conversations") or []:
+                    for turn in conv:
+                        yield str(turn.get("value", "")).replace("<image>", "")
+                n += 1
+                if n >= limit:
+                    return
+
+
+def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
+    """The configured tokenizer, or (rank 0 builds, the others wait) a BPE built
+    from the shards under <output_dir>/tokenizer; an existing one is reused, so a
+    resumed run tokenises exactly as before."""
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer.path
+    if path is None:
+        path = os.path.join(cfg.output_dir, "tokenizer")
+        if info.is_main and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from modeling.tokenizer import build_bpe_tokenizer, demo_corpus
+            from sharding.schema import ATTRIBUTES, EVAL_QUESTION
+
+            corpus = list(shard_corpus(cfg.data.train_shards, cfg.tokenizer.corpus_samples))
+            corpus += list(demo_corpus(ATTRIBUTES, [EVAL_QUESTION]))
+            build_bpe_tokenizer(corpus, path + ".tmp", vocab_size=cfg.tokenizer.vocab_size,
+                                model_max_length=cfg.data.max_length)
+            os.replace(path + ".tmp", path)
+            log.info("built a %d-token BPE tokenizer in %s", cfg.tokenizer.vocab_size, path)
+        dist.barrier()
+    return AutoTokenizer.from_pretrained(path)
+
+
+# --------------------------------------------------------------------------- model
+
+def build_model(cfg: TrainConfig, tokenizer, skip_init: bool = False):
+    """The model (seeded). skip_init: its weights are about to be overwritten
+    (the export loads the gathered state), so skip the initialisers."""
+    import contextlib
+
+    from modeling.checkpoint_io import skip_weight_init
+    from modeling.model import FakeReasoningModel
+
+    torch.manual_seed(cfg.schedule.seed)
+    with skip_weight_init() if skip_init else contextlib.nullcontext():
+        model = FakeReasoningModel.from_config(cfg.model, tokenizer)
+    if cfg.schedule.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def total_optimizer_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.schedule.max_steps is not None:
+        return cfg.schedule.max_steps
+    return max(1, math.floor(cfg.schedule.epochs * batches_per_epoch / cfg.schedule.grad_accum))
+
+
+def write_run_files(cfg: TrainConfig, ds_config: dict, info: dist.DistInfo) -> None:
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    dist.write_deepspeed_config(ds_config, cfg.checkpoint_dir)
+
+
+# --------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training on every rank; returns a summary (rank 0's is complete)."""
+    t_start = time.monotonic()
+    info = dist.init_distributed()
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format=f"[rank{info.rank}] %(asctime)s %(name)s: %(message)s")
+    from pipeline.data import batches_per_epoch, make_train_loader, stream_identity
+    from modeling.image_processing import ImageProcessor
+
+    ds_config = dist.resolve_deepspeed_config(cfg, info.world_size)
+    if info.is_main:
+        write_run_files(cfg, ds_config, info)
+    tokenizer = prepare_tokenizer(cfg, info)
+
+    with dist.model_construction(ds_config):
+        model = build_model(cfg, tokenizer)
+    bpe = batches_per_epoch(cfg.data, info.world_size)
+    total = total_optimizer_steps(cfg, bpe)
+    schedule = build_schedule(total, cfg.optim.warmup_ratio, cfg.optim.warmup_steps, cfg.optim.schedule,
+                              cfg.optim.min_lr_ratio)
+    groups = dist.param_groups(model, cfg.optim.lr, cfg.optim.projector_lr or cfg.optim.lr,
+                               cfg.optim.weight_decay)
+    engine = dist.initialize_engine(model, ds_config, groups, schedule)
+
+    local, whole = dist.partition_numels(engine.module)
+    per_rank = dist.all_gather_objects(local)
+    identity = stream_identity(cfg.data, info.world_size)
+    run_info = {"world_size": info.world_size, "backend": info.backend, "zero_stage": dist.zero_stage(ds_config),
+                "params_total": whole, "params_per_rank": per_rank,
+                "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
+                                        if p.requires_grad),
+                "batches_per_epoch": bpe, "total_steps": total, "stream": identity}
+
+    state = ckpt.TrainState(data_seed=cfg.data.seed, world_size=info.world_size)
+    # Rank 0 decides what to resume from, so that every rank loads the same tag
+    # even if a save lands on the file system while the others look.
+    resume = dist.broadcast_object(ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
+                                   if info.is_main else None)
+    if resume is not None:
+        state = ckpt.load_checkpoint(engine, *resume)
+        saved = (state.extra or {}).get("stream")
+        if saved is not None and saved != identity and info.is_main:
+            log.warning("resuming with a different data stream identity (world size, workers, batch size "
+                        "or shards changed): the continuation is valid but not the uninterrupted stream")
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", os.path.join(*resume), state.global_step,
+                 state.epoch, state.batch_in_epoch) if info.is_main else None
+    state.extra = {"stream": identity}
+    state.world_size = info.world_size
+
+    from pipeline.tracking import start_tracking
+
+    tracker = start_tracking(cfg.wandb, cfg.wandb_dir, cfg.to_dict(), is_main=info.is_main,
+                             run_id=state.wandb_run_id)
+    state.wandb_run_id = dist.broadcast_object(tracker.run_id if info.is_main else None)
+    if info.is_main:
+        run_info["wandb_mode"] = tracker.mode
+        run_info["wandb_run_dir"] = tracker.run_dir
+        run_info["wandb_run_id"] = state.wandb_run_id
+        with open(os.path.join(cfg.output_dir, "run_info.json"), "w", encoding="utf-8") as f:
+            json.dump(run_info, f, indent=1)
+        tracker.update_config({"run_info": {k: v for k, v in run_info.items() if k != "stream"}})
+        log.info("ZeRO-%d over %d rank(s) (%s): %d parameters, %s on each rank; %d batches/epoch/rank, "
+                 "%d optimizer steps", run_info["zero_stage"], info.world_size, info.backend, whole,
+                 per_rank, bpe, total)
+
+    image_processor = ImageProcessor(cfg.model)
+    config_dict = cfg.to_dict()
+
+    def make_loader(epoch: int, start_batch: int):
+        return make_train_loader(cfg.data, tokenizer, image_processor, rank=info.rank,
+                                 world_size=info.world_size, epoch=epoch, start_batch=start_batch)
+
+    def save(st: ckpt.TrainState) -> None:
+        ckpt.save_checkpoint(engine, cfg.checkpoint_dir, st, config_dict, cfg.checkpoint.keep_last, info.is_main)
+
+    progress = None
+    if info.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+    ctx = LoopContext(make_loader=make_loader, batches_per_epoch=bpe, total_steps=total, rank=info.rank,
+                      world_size=info.world_size, seed=cfg.schedule.seed, nonfinite=cfg.nonfinite,
+                      dtype=dist.TORCH_DTYPES[cfg.model.dtype], image_tokens=cfg.model.num_image_tokens,
+                      log_every=cfg.schedule.log_every, checkpoint_every=cfg.checkpoint.every_steps, save=save,
+                      tracker=tracker, metrics_file=os.path.join(cfg.output_dir, "metrics.jsonl") if info.is_main
+                      else None, progress=progress, stop_step=cfg.schedule.stop_at_step)
+    t_loop = time.monotonic()
+    start_step = state.global_step
+    exit_code = 1
+    try:
+        state = run_loop(engine, state, ctx)
+        if progress is not None:
+            progress.close()
+        loop_s = time.monotonic() - t_loop
+        final_tag = None
+        if cfg.checkpoint.save_final and not ckpt.is_complete(cfg.checkpoint_dir, ckpt.tag_for(state.global_step)):
+            save(state)
+        if ckpt.is_complete(cfg.checkpoint_dir, ckpt.tag_for(state.global_step)):
+            final_tag = ckpt.tag_for(state.global_step)
+        export = None
+        if cfg.checkpoint.export and state.global_step >= total:
+            export = ckpt.export_final(engine.module, lambda: build_model(cfg, tokenizer, skip_init=True), tokenizer,
+                                       os.path.join(cfg.output_dir, "export"), info.rank)
+        summary = {"global_step": state.global_step, "steps_this_run": state.global_step - start_step,
+                   "loop_seconds": loop_s, "total_seconds": time.monotonic() - t_start,
+                   "checkpoint_dir": cfg.checkpoint_dir, "final_checkpoint": final_tag, "export": export,
+                   "wandb_run_dir": run_info.get("wandb_run_dir"), "samples_seen": state.samples_seen,
+                   "skipped_batches": state.skipped_batches}
+        if info.is_main:
+            tracker.summary({"final/global_step": state.global_step, "final/loop_seconds": loop_s})
+            with open(os.path.join(cfg.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=1)
+        exit_code = 0
+        return summary
+    finally:
+        tracker.finish(exit_code=exit_code)

@@ -1,0 +1,124 @@
+"""Loop pieces that need no process group: the finite-loss policy, checkpoint
+cadence, resume-invariant dropout seeds, and the per-step metrics.
+
+The "engine" here is a small stand-in with DeepSpeed's engine methods (the
+real one is exercised by tests/integration/test_train_deepspeed.py); it lets
+a NaN loss be produced on purpose, which a real run cannot do on demand.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from pipeline.training.checkpointing import TrainState
+from pipeline.training.loop import (NonFiniteLossError, StepAccumulator, should_checkpoint, step_metrics,
+                                    step_seed, train_micro_batch)
+
+
+@dataclass
+class Out:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    cpm_loss: torch.Tensor
+    cpm_correct: torch.Tensor
+
+
+class StandInEngine:
+    """Gradient accumulation like DeepSpeed's: a boundary every `accum` micro-steps."""
+
+    def __init__(self, accum: int = 1, nan_on_call: int | None = None):
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+        self.accum, self.micro_steps, self.calls = accum, 0, 0
+        self.nan_on_call = nan_on_call
+        self.backward_calls = 0
+        self.optimizer = torch.optim.SGD([self.w], lr=0.5)
+
+    def __call__(self, pixel_values, input_ids, attention_mask, labels, forgery_labels):
+        self.calls += 1
+        loss = self.w * 2.0
+        if self.calls == self.nan_on_call:
+            loss = loss * float("nan")
+        return Out(loss, loss.detach() * 0.75, loss.detach() * 0.25,
+                   torch.tensor([True, False][: input_ids.shape[0]]))
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro_steps + 1) % self.accum == 0
+
+    def backward(self, loss):
+        self.backward_calls += 1
+        loss.backward()
+
+    def step(self):
+        self.micro_steps += 1
+
+    def get_global_grad_norm(self):
+        return 1.5
+
+
+def batch(keys=("k0", "k1")):
+    n = len(keys)
+    return {"pixel_values": torch.zeros(n, 3, 4, 4), "input_ids": torch.ones(n, 5, dtype=torch.long),
+            "attention_mask": torch.ones(n, 5, dtype=torch.long), "labels": torch.ones(n, 5, dtype=torch.long),
+            "forgery_labels": torch.tensor([0, 1][:n]), "keys": list(keys), "bad_samples": 0}
+
+
+def run_one(engine, state, acc, policy="stop"):
+    state.batch_in_epoch += 1
+    return train_micro_batch(engine, batch(), state, acc, rank=0, world_size=1, seed=1, policy=policy,
+                             dtype=torch.float32, image_tokens=16)
+
+
+def test_boundaries_follow_gradient_accumulation():
+    engine, state, acc = StandInEngine(accum=2), TrainState(), StepAccumulator()
+    assert [run_one(engine, state, acc) for _ in range(4)] == [False, True, False, True]
+    assert engine.backward_calls == 4 and state.samples_seen == 8
+
+
+def test_nonfinite_loss_stops_naming_step_and_keys():
+    engine, state, acc = StandInEngine(accum=1, nan_on_call=3), TrainState(), StepAccumulator()
+    run_one(engine, state, acc)
+    state.global_step = 1
+    run_one(engine, state, acc)
+    state.global_step = 2
+    with pytest.raises(NonFiniteLossError) as e:
+        run_one(engine, state, acc)
+    msg = str(e.value)
+    assert "optimizer step 3" in msg and "k0" in msg and "k1" in msg and "batch 2" in msg
+    assert engine.backward_calls == 2, "no backward pass on a non-finite loss"
+
+
+def test_nonfinite_loss_skipped_when_configured():
+    engine, state, acc = StandInEngine(accum=1, nan_on_call=1), TrainState(), StepAccumulator()
+    assert run_one(engine, state, acc, policy="skip") is False
+    assert state.skipped_batches == 1 and engine.backward_calls == 0 and state.samples_seen == 0
+    assert run_one(engine, state, acc, policy="skip") is True
+    assert acc.micro == 1 and math.isfinite(acc.sums.sum().item())
+
+
+def test_step_metrics_average_over_micro_batches():
+    engine, state, acc = StandInEngine(accum=2), TrainState(), StepAccumulator()
+    run_one(engine, state, acc)
+    run_one(engine, state, acc)
+    m = step_metrics(engine, acc, state, batches_per_epoch=4, world_size=1)
+    assert m["train/loss"] == pytest.approx(2.0)
+    assert m["train/lm_loss"] == pytest.approx(1.5) and m["train/cpm_loss"] == pytest.approx(0.5)
+    assert m["train/cpm_acc"] == pytest.approx(0.5)
+    assert m["train/grad_norm"] == 1.5 and m["train/lr"] == 0.5
+    assert m["train/epoch"] == pytest.approx(0.5)
+    assert m["perf/samples_per_s"] > 0 and m["perf/tokens_per_s"] > m["perf/samples_per_s"]
+    assert "memory/rss_gb" in m
+
+
+def test_checkpoint_cadence():
+    assert [s for s in range(1, 11) if should_checkpoint(s, 3, 10)] == [3, 6, 9]
+    assert not should_checkpoint(10, 5, 10), "the final save covers the last step"
+    assert not any(should_checkpoint(s, 0, 10) for s in range(1, 11))
+
+
+def test_dropout_seed_depends_only_on_position():
+    assert step_seed(1, 0, 5, 0) == step_seed(1, 0, 5, 0)
+    seeds = {step_seed(1, r, s, m) for r in range(2) for s in range(50) for m in range(4)}
+    assert len(seeds) == 2 * 50 * 4

@@ -1,0 +1,74 @@
+"""W&B tracking never stops training: mode resolution, rank 0 only, fallbacks."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import WandbConfig
+from pipeline.tracking import resolve_mode, start_tracking
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc-absent"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+def test_auto_mode_is_offline_without_credentials(no_credentials, monkeypatch):
+    assert resolve_mode("auto") == "offline"
+    (no_credentials / "netrc").write_text("machine api.wandb.ai login user password abc\n")
+    monkeypatch.setenv("NETRC", str(no_credentials / "netrc"))
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled"
+    assert resolve_mode("offline") == "offline", "an explicit mode wins"
+
+
+def test_disabled_and_other_ranks_do_nothing(no_credentials):
+    t = start_tracking(WandbConfig(mode="disabled"), str(no_credentials), {}, is_main=True)
+    assert not t.active and t.run_id
+    t.log({"train/loss": 1.0}, step=1)
+    t.finish()
+    other = start_tracking(WandbConfig(mode="offline"), str(no_credentials), {}, is_main=False, run_id="abc")
+    assert not other.active and other.run_id == "abc"
+    assert not (no_credentials / "wandb").exists(), "only global rank 0 writes a run"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_falls_back_to_offline_and_resumes_the_id(no_credentials, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    cfg = WandbConfig(mode="auto", project="t", init_timeout=3)
+    t = start_tracking(cfg, str(no_credentials), {"optim": {"lr": 0.1}}, is_main=True)
+    try:
+        assert t.active and t.mode == "offline"
+        t.log({"train/loss": 2.0}, step=1)
+    finally:
+        t.finish()
+    # A resumed job passes the stored id: the same run continues.
+    again = start_tracking(WandbConfig(mode="offline", project="t"), str(no_credentials), {}, is_main=True,
+                           run_id=t.run_id)
+    try:
+        assert again.run_id == t.run_id and again.mode == "offline"
+        again.log({"train/loss": 1.0}, step=2)
+    finally:
+        again.finish()
+    wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
+    out = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", again.run_dir],
+                         capture_output=True, text=True, timeout=60)
+    s = json.loads(out.stdout)
+    assert s["run_id"] == t.run_id and s["summary"]["train/loss"] == 1.0
