@@ -33,6 +33,19 @@ def _run(cmd: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU ops once before any launcher test.
+
+    On a fresh machine the first `deepspeed` job compiles two C++ ops for about
+    2.5 minutes (longer on a loaded machine); paid inside whichever test runs
+    first, that would eat its launch timeout and fail it for the wrong reason.
+    """
+    from pipeline.launcher import build_cpu_ops
+
+    build_cpu_ops(timeout=1800)
+
+
 @pytest.fixture(scope="session")
 def synthetic_mmfr(tmp_path_factory) -> Path:
     """A synthetic MMFR root (python -m sharding.synthetic)."""
