@@ -31,6 +31,18 @@ sys.path.insert(0, REPO)
 
 RECIPE = os.path.join(REPO, "launch", "recipes", "tiny-cpu.yaml")
 
+# The demo's model: the tiny preset at 64 px with 16-px patches (still 4x4 = 16
+# image tokens). The synthetic generator traces are 8-px up-sampling tiles: with
+# the preset's 56 px / 14-px patches every patch sees the tile at another phase
+# (14 mod 8 = 6), so the patch embedding adds a different vector per patch and
+# mean-pooled random-tower features barely separate real from fake (linear
+# probe 0.65-0.69 on held-out training images); with 16-px patches on 64-px
+# images every patch sees the same phase (probe 0.83-0.87, 0.99 with the
+# generator's current trace strength). The tests keep the preset's 56 px.
+IMAGE_SIZE = 64
+MODEL_OVERRIDES = [f"model.image_size={IMAGE_SIZE}", "model.clip.patch_size=16", "model.dino.patch_size=16",
+                   f"model.clip.native_image_size={IMAGE_SIZE}", f"model.dino.native_image_size={IMAGE_SIZE}"]
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--train-images", type=int, default=1200, help="synthetic training images (default 1200)")
     p.add_argument("--eval-images-per-generator", type=int, default=40,
                    help="synthetic evaluation images per generator (default 40)")
-    p.add_argument("--epochs", type=float, default=3, help="training epochs (default 3)")
+    p.add_argument("--epochs", type=float, default=5, help="training epochs (default 5)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (default 2)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra training config overrides")
@@ -68,11 +80,11 @@ def main(argv=None) -> int:
     if os.path.isfile(os.path.join(mmfr, "forgery_reasoning_cot.json")):
         print(f"reusing {mmfr}")
     else:
-        # 56 px = the tiny model's input size: the generator traces reach the
-        # model without a resampling (the paper's images meet CLIP at 336 likewise).
+        # The base size is the demo model's input size (IMAGE_SIZE): square images
+        # reach the towers without a resampling that would smear the 8-px traces.
         run([sys.executable, "-m", "sharding.synthetic", "--out", mmfr, "--train-images", str(args.train_images),
-             "--eval-images-per-generator", str(args.eval_images_per_generator), "--image-size", "56",
-             "--seed", str(args.seed)])
+             "--eval-images-per-generator", str(args.eval_images_per_generator),
+             "--image-size", str(IMAGE_SIZE), "--seed", str(args.seed)])
     print(f"({time.monotonic() - t:.0f}s)")
 
     t = step("2/5 shards")
@@ -93,7 +105,8 @@ def main(argv=None) -> int:
     # LLM (6.2 -> 0.5). The paper recipe, and the tests, keep LoRA.
     overrides = [f"output_dir={out}", f"data.train_shards={os.path.join(shards, 'train')}",
                  f"schedule.epochs={args.epochs}", "checkpoint.resume=auto", "wandb.mode=offline",
-                 "model.lora.enabled=false", "optim.lr=3e-3", "optim.projector_lr=3e-3", *args.overrides]
+                 "model.lora.enabled=false", "optim.lr=3e-3", "optim.projector_lr=3e-3", *MODEL_OVERRIDES,
+                 *args.overrides]
     run_training(RECIPE, overrides, os.path.join(out, "train.log"), num_ranks=args.ranks, echo=True)
     train_s = time.monotonic() - t
     summary = json.load(open(os.path.join(out, "train_summary.json"), encoding="utf-8"))
@@ -108,14 +121,23 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     model, _ = load_pretrained(summary["export"]["merged"])
+    # The demo's figure is the paper protocol (the model writes its answer, then
+    # p(fake) is read after its own "<CONCLUSION>This image is"); the forced
+    # prefix right after the question (a context training never shows) is
+    # reported beside it, in cpm_eval_forced.json.
+    forced = cpm_accuracy(model, os.path.join(shards, "eval"), generate=False)
     res = cpm_accuracy(model, os.path.join(shards, "eval"))
-    with open(os.path.join(out, "cpm_eval.json"), "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
+    for name, r in (("cpm_eval.json", res), ("cpm_eval_forced.json", forced)):
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            json.dump(r, f, indent=1)
+    print("  generated answer, then p(fake) after its conclusion prefix | forced prefix after the question")
     for gen, r in res["per_generator"].items():
+        q = forced["per_generator"][gen]
         print(f"  {gen:16s} acc {r['accuracy']:.3f}  real {r['real_accuracy']:.3f}  fake {r['fake_accuracy']:.3f}"
-              f"  auc {r['auc']:.3f}  (n={r['n']})")
-    s = res["summary"]
-    print(f"  {'mean':16s} acc {s['mean_accuracy']:.3f}  auc {s['mean_auc']:.3f}   (chance 0.5, {s['images']} images)")
+              f"  auc {r['auc']:.3f}  (n={r['n']})  | acc {q['accuracy']:.3f}  auc {q['auc']:.3f}")
+    s, fs = res["summary"], forced["summary"]
+    print(f"  {'mean':16s} acc {s['mean_accuracy']:.3f}  auc {s['mean_auc']:.3f}   (chance 0.5, {s['images']} images)"
+          f"  | acc {fs['mean_accuracy']:.3f}  auc {fs['mean_auc']:.3f}")
     print(f"({time.monotonic() - t:.0f}s)")
 
     metrics = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
@@ -123,7 +145,7 @@ def main(argv=None) -> int:
     print(f"train loss      {metrics[0]['train/loss']:.3f} (step 1) -> {metrics[-1]['train/loss']:.3f} "
           f"(step {metrics[-1]['step']})")
     print(f"CPM accuracy    {s['mean_accuracy']:.3f} mean over {len(res['per_generator'])} generators "
-          f"(chance 0.5), AUC {s['mean_auc']:.3f}")
+          f"(chance 0.5), AUC {s['mean_auc']:.3f}; forced prefix {fs['mean_accuracy']:.3f}, AUC {fs['mean_auc']:.3f}")
     print(f"params per rank {run_info['params_per_rank']} of {run_info['params_total']} (ZeRO-3)")
     print(f"checkpoint      {os.path.join(summary['checkpoint_dir'], summary['final_checkpoint'] or '')}")
     print(f"exported model  {summary['export']['merged']}")
