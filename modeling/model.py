@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from modeling import cpm as cpm_math
 from modeling.config import ConfigError, ModelConfig
@@ -28,16 +29,23 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class FakeReasoningOutput:
+class FakeReasoningOutput(ModelOutput):
     """loss = lm_loss + cpm.weight x cpm_loss. Per sample: p_fake (NaN where no CPM
-    position was found), cpm_correct, cpm_found. logits only when asked for."""
+    position was found), cpm_correct, cpm_found. logits only when asked for.
 
-    loss: torch.Tensor
-    lm_loss: torch.Tensor
-    cpm_loss: torch.Tensor
-    p_fake: torch.Tensor
-    cpm_correct: torch.Tensor
-    cpm_found: torch.Tensor
+    A transformers ModelOutput (an ordered dict that is also a dataclass), so that
+    DeepSpeed ZeRO-3's module hooks, which look for tensors only inside tensors,
+    lists, tuples and dicts, see every output tensor (a plain dataclass makes it
+    warn that the tensors inside cannot be detected). ModelOutput requires the
+    fields after the first to default to None; forward always sets all but logits.
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    cpm_loss: torch.Tensor | None = None
+    p_fake: torch.Tensor | None = None
+    cpm_correct: torch.Tensor | None = None
+    cpm_found: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 

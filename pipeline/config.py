@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -192,6 +193,13 @@ class TrainConfig:
     """Tracking."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss: stop naming the step and batch keys, or skip the micro-batch."""
+    distributed_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, broadcast) may wait for the other
+    ranks before the process group fails the job. It bounds how long a rank that
+    hangs alive (stopped, stuck I/O) blocks the others; a dead rank is noticed at
+    once regardless. It must exceed the longest time one rank works alone while the
+    others wait in a barrier: building the tokenizer, a checkpoint save, and the
+    final export (rank 0 writes the merged model)."""
 
     @property
     def checkpoint_dir(self) -> str:
@@ -420,6 +428,8 @@ def _check_train(c: TrainConfig) -> None:
         bad("checkpoint.keep_last", f"must be >= 1, got {k.keep_last}")
     if k.resume not in (None, "auto") and not os.path.isdir(k.resume):
         bad("checkpoint.resume", f"must be 'auto', null or an existing checkpoint folder; {k.resume} is none")
+    if not (c.distributed_timeout_s > 0 and math.isfinite(c.distributed_timeout_s)):
+        bad("distributed_timeout_s", f"must be a finite number of seconds > 0, got {c.distributed_timeout_s}")
     if c.wandb.init_timeout <= 0:
         bad("wandb.init_timeout", f"must be > 0, got {c.wandb.init_timeout}")
     if c.tokenizer.path is None and c.tokenizer.vocab_size < 300:

@@ -3,13 +3,15 @@
 - the DeepSpeed JSON generated from the TrainConfig (or the user's own, with
   its "auto" values filled and its batch/clipping/precision checked),
 - process-group start-up (DeepSpeed picks NCCL on GPUs and gloo on CPUs
-  without oneCCL),
+  without oneCCL) with the configured collective timeout, and the line that
+  places each rank in the job (node, host, pid),
 - the model-construction context: `HfDeepSpeedConfig` is alive before any
   weights load, so transformers' `from_pretrained` and `_from_config` run under
   `deepspeed.zero.Init` and partition while loading or random-initialising,
 - the engine with parameter groups of their own learning rate,
 - gathering of ZeRO-3-partitioned parameters (every rank takes part),
-- engine checkpoint save/load.
+- engine checkpoint save/load, and DeepSpeed's universal checkpoints (the
+  `ds_to_universal` layout, the `load_universal` switch).
 
 Nothing else in the project imports deepspeed, so a change of DeepSpeed
 version or of its API is a change of this file.
@@ -17,11 +19,13 @@ version or of its API is a change of this file.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -148,9 +152,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Start the process group from the launcher's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR...). A plain `python launch/train.py` becomes a world of one."""
+    MASTER_ADDR...). A plain `python launch/train.py` becomes a world of one.
+
+    `timeout_s` (TrainConfig.distributed_timeout_s) bounds every collective: a
+    rank that hangs alive fails the job after that long instead of blocking the
+    others for DeepSpeed's default (DEEPSPEED_TIMEOUT minutes, 10 unless set)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -162,9 +170,45 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), **extra)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
                     accel.communication_backend_name())
+
+
+def _first_env(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str | None, str | None]:
+    for n in names:
+        if env.get(n, "") != "":
+            return env[n], n
+    return None, None
+
+
+def rank_banner(info: DistInfo, env: Mapping[str, str] | None = None, host: str | None = None,
+                pid: int | None = None) -> str:
+    """One line that places this rank in the job, for every rank's log:
+
+    rank R/W: node N/NN (CROSS_RANK/CROSS_SIZE), local rank L, host H, pid P,
+    rendezvous MASTER_ADDR:MASTER_PORT, backend B
+
+    DeepSpeed's node launcher sets CROSS_RANK/CROSS_SIZE; torchrun (GROUP_RANK)
+    and SLURM (SLURM_NODEID/SLURM_NNODES) are read when it did not. The
+    parenthesis names the variables the node numbers came from. The pid maps
+    a launcher's "exits with return code = -9" / "Killing subprocess PID" line
+    to a global rank on nodes with several ranks.
+    """
+    env = os.environ if env is None else env
+    node, node_var = _first_env(env, ("CROSS_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_NODEID"))
+    nodes, nodes_var = _first_env(env, ("CROSS_SIZE", "SLURM_NNODES"))
+    if nodes is None:
+        local, local_var = _first_env(env, ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"))
+        if local is not None and local.isdigit() and int(local) > 0 and info.world_size % int(local) == 0:
+            nodes, nodes_var = str(info.world_size // int(local)), f"WORLD_SIZE/{local_var}"
+    source = f"{node_var or '-'}/{nodes_var or '-'}"
+    rendezvous = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    return (f"rank {info.rank}/{info.world_size}: node {node if node is not None else '?'}/"
+            f"{nodes if nodes is not None else '?'} ({source}), local rank {info.local_rank}, "
+            f"host {host or socket.gethostname()}, pid {os.getpid() if pid is None else pid}, "
+            f"rendezvous {rendezvous}, backend {info.backend}")
 
 
 def device() -> torch.device:
@@ -377,6 +421,23 @@ def save_engine_checkpoint(engine, directory: str, tag: str, client_state: dict)
     """All ranks: model/optimizer/scheduler partitions + client state under directory/tag.
     DeepSpeed also copies its zero_to_fp32.py next to the tags."""
     engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=True)
+
+
+def is_universal_checkpoint(path: str) -> bool:
+    """Whether `path` is a folder written by DeepSpeed's `ds_to_universal`: the
+    per-parameter fragments under `zero/` plus the source's `*_model_states.pt`
+    (copied last, so their presence also says the conversion ran to the end)."""
+    if not os.path.isdir(os.path.join(path, "zero")):
+        return False
+    return any(n.endswith("_model_states.pt") for n in os.listdir(path))
+
+
+def enable_universal_load(ds_config: dict) -> dict:
+    """Ask DeepSpeed to load a universal checkpoint (one that can be loaded on any
+    number of ranks) with the next `load_checkpoint`; it must be set before
+    `deepspeed.initialize`, since the engine reads it from its config."""
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return ds_config
 
 
 def load_engine_checkpoint(engine, directory: str, tag: str) -> dict:

@@ -92,9 +92,13 @@ class DataConfig:
 
     max_bad_fraction: float = 0.01
     """Largest tolerated share of bad samples (undecodable image, bad json, no
-    usable conversation, template failure, too long, missing from its shard)
-    per worker; above it the stream raises naming the shard. Bad samples are
-    replaced by seeded spare samples so batches keep their size."""
+    usable conversation, template failure, too long, missing from its shard,
+    unreadable or truncated shard) per worker and epoch; above it the stream
+    raises naming the shards with the most bad samples. This is the only limit:
+    bad samples are replaced by seeded spare samples, so batches keep their size,
+    and a spare is drawn first from shards that have not yet failed for that
+    batch slot (the worker's own, then the rest of the set), so one dead shard
+    cannot exhaust the spares. Failed spares count as bad samples too."""
 
     bad_check_min_samples: int = 200
     """Samples a worker must have read before max_bad_fraction is enforced, so

@@ -36,7 +36,6 @@ from .shards import ShardSet, discover_shards
 
 log = logging.getLogger("pipeline.data")
 
-_SPARE_ATTEMPTS = 8
 _LOG_FIRST = 5
 
 
@@ -175,17 +174,20 @@ class ShardStream(IterableDataset):
             reasons: list[str] = []
             for i, sample in enumerate(slot):
                 attempt = 0
+                tried: list[tuple[int, int]] = []  # (shard, index) that failed for this slot
                 while True:
                     try:
                         examples.append(self._preprocess(sample))
                         budget.ok()
                         break
                     except BadSample as e:
+                        # Raises once the worker's bad share passes data.max_bad_fraction: the
+                        # one limit. Every failed spare counts, so spares that keep failing end
+                        # here too, after at most max(f/(1-f) x good samples read so far,
+                        # data.bad_check_min_samples) of them.
                         reasons.append(budget.record(sample.key, sample.shard, str(e)))
-                    if attempt == _SPARE_ATTEMPTS:
-                        raise RuntimeError(f"{where}: {_SPARE_ATTEMPTS} spare samples in a row were "
-                                           f"bad; latest: {reasons[-1]}")
-                    sample = self._spare(who, j, i, attempt)
+                    tried.append((sample.ref.shard, sample.ref.index))
+                    sample = self._spare(who, j, i, attempt, tried)
                     attempt += 1
             batch = collate(examples, pad_id, self.cfg.pad_to_multiple_of)
             batch.update(bad_samples=len(reasons), bad_reasons=reasons, epoch=self.epoch,
@@ -199,18 +201,41 @@ class ShardStream(IterableDataset):
                           policy=cfg.conversation_choice, max_length=cfg.max_length,
                           overlong=cfg.overlong)
 
-    def _spare(self, who: WorkerId, batch: int, slot: int, attempt: int) -> RawSample:
-        """A replacement for a bad sample, drawn from the worker's shards with a seed
-        of (batch, slot, attempt): the same in a resumed run, so batches keep both
-        their size and their reproducibility."""
+    def _spare(self, who: WorkerId, batch: int, slot: int, attempt: int,
+               tried: list[tuple[int, int]]) -> RawSample:
+        """A replacement for a bad sample, drawn with a seed of (batch, slot,
+        attempt), so a resumed run draws the same spares and batches keep both
+        their size and their reproducibility.
+
+        The shard is drawn from the worker's own shards not yet `tried` for this
+        slot, then from the other shards of the set, and only when every shard
+        has failed once for this slot from all of them again: a truncated or
+        unreadable shard would otherwise hand out bad spare after bad spare.
+        A sample that already failed for the slot is not drawn again while its
+        shard has others.
+        """
         cfg = self.cfg
-        pool = worker_shards(len(self.shards), cfg.seed, self.epoch, cfg.shuffle_shards,
-                             self.resampled, who)
+        n = len(self.shards)
+        failed = {s for s, _ in tried}
+        own = worker_shards(n, cfg.seed, self.epoch, cfg.shuffle_shards, self.resampled, who)
+        readable = [s for s in range(n) if self.shards.counts[s] > 0]  # sizes.json may list empty shards
+        pool = ([s for s in own if s not in failed and self.shards.counts[s] > 0]
+                or [s for s in readable if s not in failed]
+                or readable)
         rng = seeded_rng("spare", cfg.seed, self.epoch, who.rank, who.worker, batch, slot, attempt)
         shard = rng.choice(pool)
+        count = self.shards.counts[shard]
+        seen = sorted({i for s, i in tried if s == shard and 0 <= i < count})
+        if len(seen) < count:
+            index = rng.randrange(count - len(seen))
+            for i in seen:  # -> the index-th of the samples not yet tried, in shard order
+                if i <= index:
+                    index += 1
+        else:
+            index = rng.randrange(count)
         cursor = ShardCursor(self.shards.urls)
         try:
-            return cursor.get(Ref(-1, -1, shard, rng.randrange(self.shards.counts[shard])))
+            return cursor.get(Ref(-1, -1, shard, index))
         finally:
             cursor.close()
 

@@ -221,6 +221,8 @@ def group_metrics(predictions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     scored = [r for r in rows if r.p_fake is not None]
     out["n_p_fake"] = len(scored)
     out["auc"], out["ap"] = auc_ap([r.label for r in scored], [float(r.p_fake) for r in scored])
+    # The CPM's own decision (p_fake >= 0.5), independent of whether the text parsed.
+    out["cpm_acc"] = _ratio(sum((float(r.p_fake) >= 0.5) == (r.label == 1) for r in scored), len(scored))
     return out
 
 
@@ -232,6 +234,7 @@ AVERAGED_METRICS: tuple[str, ...] = (
     "parse_failure_rate",
     "auc",
     "ap",
+    "cpm_acc",
 )
 COUNT_FIELDS: tuple[str, ...] = ("n", "n_real", "n_fake", "n_parsed", "n_unparseable", "n_text", "n_p_fake")
 

@@ -37,6 +37,7 @@ REFERENCE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("bleu1", "BLEU-1", "frac"),
     ("rouge_l", "ROUGE-L", "frac"),
     ("css", "CSS", "frac"),
+    ("cpm_acc", "CPM Acc", "pct"),
     ("auc", "AUC", "frac"),
     ("ap", "AP", "frac"),
     ("parse_failure_rate", "Unparsed %", "pct"),

@@ -27,25 +27,51 @@ log = logging.getLogger("pipeline.training")
 
 # --------------------------------------------------------------------------- tokenizer
 
+# What a damaged shard raises while being read: a truncated or corrupt tar, an
+# I/O error, a member cut short, or metadata that is not valid (UTF-8) JSON.
+_SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+def _conversation_texts(meta) -> list[str]:
+    convs = meta.get("conversations") if isinstance(meta, dict) else None
+    return [str(turn.get("value", "")).replace("<image>", "")
+            for conv in (convs if isinstance(convs, list) else []) if isinstance(conv, list)
+            for turn in conv if isinstance(turn, dict)]
+
+
 def shard_corpus(train_shards: str, limit: int):
-    """Question and answer texts of the first `limit` samples of the training shards."""
+    """Question and answer texts of the first `limit` samples of the training shards.
+
+    A shard that cannot be read to its end (truncated, corrupt) contributes the
+    samples before the damage; the rest of it is skipped with a warning naming
+    it, and reading goes on with the next shard. Only when no sample at all
+    could be read does this raise, naming the shards and their errors.
+    """
     paths = sorted(glob.glob(os.path.join(train_shards, "*.tar"))) if os.path.isdir(train_shards) else []
     if not paths:
         raise FileNotFoundError(f"tokenizer.path is null, so the tokenizer is built from data.train_shards, "
                                 f"but {train_shards} holds no *.tar shard; set tokenizer.path")
     n = 0
+    skipped: list[str] = []
     for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.name.endswith(".json"):
-                    continue
-                meta = json.load(tar.extractfile(member))
-                for conv in meta.get("conversations") or []:
-                    for turn in conv:
-                        yield str(turn.get("value", "")).replace("<image>", "")
-                n += 1
-                if n >= limit:
-                    return
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if not (member.isfile() and member.name.endswith(".json")):
+                        continue
+                    yield from _conversation_texts(json.loads(tar.extractfile(member).read()))
+                    n += 1
+                    if n >= limit:
+                        return
+        except _SHARD_READ_ERRORS as e:
+            reason = f"{type(e).__name__}: {e}"
+            log.warning("tokenizer corpus: skipped the rest of %s: %s", path, reason)
+            skipped.append(f"{path} ({reason})")
+    if n == 0:
+        raise ValueError(f"tokenizer.path is null, so the tokenizer is built from data.train_shards, but no "
+                         f"sample of {train_shards} could be read"
+                         + (f"; unreadable: {'; '.join(skipped)}" if skipped else " (the shards hold no .json member)")
+                         + "; set tokenizer.path or repair the shards")
 
 
 def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
@@ -104,16 +130,39 @@ def write_run_files(cfg: TrainConfig, ds_config: dict, info: dist.DistInfo) -> N
 
 # --------------------------------------------------------------------------- the run
 
+def resolve_resume_everywhere(cfg: TrainConfig, info: dist.DistInfo) -> ckpt.ResumePoint | None:
+    """Rank 0 decides what to resume from, so that every rank loads the same tag
+    even if a save lands on the file system while the others look. It runs before
+    the engine exists because a universal checkpoint changes the DeepSpeed config;
+    a refused checkpoint is raised on every rank, not left for the others to wait on."""
+    decision: tuple[ckpt.ResumePoint | None, str | None] = (None, None)
+    if info.is_main:
+        try:
+            decision = (ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir), None)
+        except (FileNotFoundError, OSError) as e:
+            decision = (None, str(e))
+    point, error = dist.broadcast_object(decision)
+    if error is not None:
+        raise FileNotFoundError(error)
+    return point
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run training on every rank; returns a summary (rank 0's is complete)."""
     t_start = time.monotonic()
-    info = dist.init_distributed()
+    info = dist.init_distributed(cfg.distributed_timeout_s)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"[rank{info.rank}] %(asctime)s %(name)s: %(message)s")
+    # WARNING, so that every rank's log places it in the job (non-main ranks log
+    # warnings only): node, host and pid per global rank.
+    log.warning("%s", dist.rank_banner(info))
     from pipeline.data import batches_per_epoch, make_train_loader, stream_identity
     from modeling.image_processing import ImageProcessor
 
+    resume = resolve_resume_everywhere(cfg, info)
     ds_config = dist.resolve_deepspeed_config(cfg, info.world_size)
+    if resume is not None and resume.universal:
+        dist.enable_universal_load(ds_config)
     if info.is_main:
         write_run_files(cfg, ds_config, info)
     tokenizer = prepare_tokenizer(cfg, info)
@@ -138,18 +187,15 @@ def train(cfg: TrainConfig) -> dict:
                 "batches_per_epoch": bpe, "total_steps": total, "stream": identity}
 
     state = ckpt.TrainState(data_seed=cfg.data.seed, world_size=info.world_size)
-    # Rank 0 decides what to resume from, so that every rank loads the same tag
-    # even if a save lands on the file system while the others look.
-    resume = dist.broadcast_object(ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
-                                   if info.is_main else None)
     if resume is not None:
-        state = ckpt.load_checkpoint(engine, *resume)
+        state = ckpt.load_checkpoint(engine, resume.dir, resume.tag)
         saved = (state.extra or {}).get("stream")
         if saved is not None and saved != identity and info.is_main:
             log.warning("resuming with a different data stream identity (world size, workers, batch size "
                         "or shards changed): the continuation is valid but not the uninterrupted stream")
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", os.path.join(*resume), state.global_step,
-                 state.epoch, state.batch_in_epoch) if info.is_main else None
+        log.info("resumed from %s at step %d (epoch %d, batch %d)%s", os.path.join(resume.dir, resume.tag),
+                 state.global_step, state.epoch, state.batch_in_epoch,
+                 " (DeepSpeed universal checkpoint)" if resume.universal else "") if info.is_main else None
     state.extra = {"stream": identity}
     state.world_size = info.world_size
 
@@ -199,7 +245,7 @@ def train(cfg: TrainConfig) -> dict:
             progress.close()
         loop_s = time.monotonic() - t_loop
         final_tag = None
-        if cfg.checkpoint.save_final and not ckpt.is_complete(cfg.checkpoint_dir, ckpt.tag_for(state.global_step)):
+        if ckpt.needs_final_save(cfg.checkpoint_dir, state.global_step, cfg.checkpoint.save_final):
             save(state)
         if ckpt.is_complete(cfg.checkpoint_dir, ckpt.tag_for(state.global_step)):
             final_tag = ckpt.tag_for(state.global_step)

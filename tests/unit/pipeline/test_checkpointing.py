@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pipeline.training import checkpointing as ckpt
-from pipeline.training.checkpointing import TrainState
+from pipeline.training.checkpointing import ResumePoint, TrainState
 
 
 def _tag(root, step: int, complete: bool) -> str:
@@ -23,7 +23,7 @@ def test_incomplete_newer_tag_is_ignored(tmp_path):
     _tag(tmp_path, 20, complete=False)  # killed mid-save: files but no marker
     (tmp_path / "latest").write_text("global_step20")  # DeepSpeed's own pointer is not trusted
     assert ckpt.newest_complete(str(tmp_path)) == "global_step10"
-    assert ckpt.resolve_resume("auto", str(tmp_path)) == (str(tmp_path), "global_step10")
+    assert ckpt.resolve_resume("auto", str(tmp_path)) == ResumePoint(str(tmp_path), "global_step10", False)
 
 
 def test_marker_then_pointer(tmp_path):
@@ -57,7 +57,7 @@ def test_explicit_resume_must_be_complete(tmp_path):
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
         ckpt.resolve_resume(str(tmp_path / tag), str(tmp_path))
     ckpt.mark_complete(str(tmp_path), tag, TrainState(global_step=4))
-    assert ckpt.resolve_resume(str(tmp_path / tag) + "/", "unused") == (str(tmp_path), tag)
+    assert ckpt.resolve_resume(str(tmp_path / tag) + "/", "unused") == ResumePoint(str(tmp_path), tag, False)
 
 
 def test_prune_keeps_the_newest_and_drops_leftovers(tmp_path):
@@ -79,3 +79,68 @@ def test_train_state_round_trips_as_client_state():
     assert TrainState.from_client_state(client) == st
     with pytest.raises(ValueError, match="train_state"):
         TrainState.from_client_state({})
+
+
+# --------------------------------------------------------------------------- universal checkpoints
+
+def _universal(src, dst):
+    """What `ds_to_universal --input_folder src --output_folder dst` leaves: the
+    parameter fragments under zero/ and the source's model states, copied."""
+    (dst / "zero" / "llm.lora_A.weight").mkdir(parents=True)
+    (dst / "zero" / "llm.lora_A.weight" / "fp32.pt").write_bytes(b"w")
+    for f in src.glob("*_model_states.pt"):
+        (dst / f.name).write_bytes(f.read_bytes())
+    (dst.parent / "latest_universal").write_text(dst.name)
+    return dst
+
+
+def _two_rank_tag(root, step, complete=True):
+    tag = _tag(root, step, complete=False)
+    (root / tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"y" * 12)
+    (root / tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 30)
+    if complete:
+        ckpt.mark_complete(str(root), tag, TrainState(global_step=step))
+    return tag
+
+
+def test_universal_folder_next_to_its_complete_source_resumes_with_load_universal(tmp_path):
+    tag = _two_rank_tag(tmp_path, 4)
+    uni = _universal(tmp_path / tag, tmp_path / f"{tag}_universal")
+    assert ckpt.resolve_resume(str(uni), "unused") == ResumePoint(str(tmp_path), f"{tag}_universal", True)
+    # `auto` never picks a universal folder, and pruning never deletes one.
+    _two_rank_tag(tmp_path, 6)
+    assert ckpt.resolve_resume("auto", str(tmp_path)) == ResumePoint(str(tmp_path), "global_step6", False)
+    ckpt.prune(str(tmp_path), keep_last=1)
+    assert uni.is_dir() and not (tmp_path / tag).exists()
+
+
+def test_universal_folder_of_an_incomplete_source_is_refused(tmp_path):
+    tag = _two_rank_tag(tmp_path, 4, complete=False)  # killed mid-save, then converted
+    uni = _universal(tmp_path / tag, tmp_path / f"{tag}_universal")
+    with pytest.raises(FileNotFoundError, match=f"universal.*{tag} has no COMPLETE"):
+        ckpt.resolve_resume(str(uni), "unused")
+
+
+def test_universal_folder_converted_before_the_save_finished_is_refused(tmp_path):
+    tag = _tag(tmp_path, 4, complete=False)  # rank 1's files not written yet
+    uni = _universal(tmp_path / tag, tmp_path / f"{tag}_universal")
+    (tmp_path / tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"y" * 12)
+    ckpt.mark_complete(str(tmp_path), tag, TrainState(global_step=4))  # the save completed later
+    with pytest.raises(FileNotFoundError, match="zero_pp_rank_1_mp_rank_00_model_states.pt.*convert"):
+        ckpt.resolve_resume(str(uni), "unused")
+
+
+def test_universal_folder_elsewhere_needs_its_sources_marker(tmp_path):
+    src = tmp_path / "run" / "checkpoints"
+    src.mkdir(parents=True)
+    tag = _two_rank_tag(src, 4)
+    uni = _universal(src / tag, tmp_path / "moved")  # not next to the source, not named *_universal
+    with pytest.raises(FileNotFoundError, match="source tag is unknown.*copy its COMPLETE"):
+        ckpt.resolve_resume(str(uni), "unused")
+    (uni / ckpt.COMPLETE).write_text((src / tag / ckpt.COMPLETE).read_text())
+    assert ckpt.resolve_resume(str(uni), "unused") == ResumePoint(str(tmp_path), "moved", True)
+    # The copied marker must be the source's: another checkpoint's marker does not fit.
+    other = _tag(src, 8, complete=True)
+    (uni / ckpt.COMPLETE).write_text((src / other / ckpt.COMPLETE).read_text())
+    with pytest.raises(FileNotFoundError, match="differ"):
+        ckpt.resolve_resume(str(uni), "unused")

@@ -63,6 +63,10 @@ def test_overrides_parse_yaml_values():
     ("model.llm.num_heads=3", "llm.num_heads"),
     ("model.preset=huge", "preset"),
     ("model.dtype=bfloat16", "precision"),  # fp32 training of bf16 weights
+    ("distributed_timeout_s=0", "distributed_timeout_s"),
+    ("distributed_timeout_s=-5", "distributed_timeout_s"),
+    ("distributed_timeout_s=.inf", "distributed_timeout_s"),
+    ("distributed_timeout_s=soon", "distributed_timeout_s"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(TrainConfigError) as e:
@@ -142,3 +146,10 @@ def test_to_dict_round_trips_through_yaml(tmp_path):
     assert dataclasses.asdict(again.optim) == dataclasses.asdict(cfg.optim)
     assert again.model.to_dict() == cfg.model.to_dict()
     assert isinstance(again, TrainConfig)
+
+
+def test_distributed_timeout_default_recipe_and_override():
+    assert TrainConfig().distributed_timeout_s == 1800.0
+    assert load_train_config(PAPER, []).distributed_timeout_s == 3600.0  # the 13B export on rank 0
+    cfg = load_train_config(TINY, ["distributed_timeout_s=20"])
+    assert cfg.distributed_timeout_s == 20.0 and isinstance(cfg.distributed_timeout_s, float)

@@ -7,7 +7,9 @@ a NaN loss be produced on purpose, which a real run cannot do on demand.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -122,3 +124,40 @@ def test_dropout_seed_depends_only_on_position():
     assert step_seed(1, 0, 5, 0) == step_seed(1, 0, 5, 0)
     seeds = {step_seed(1, r, s, m) for r in range(2) for s in range(50) for m in range(4)}
     assert len(seeds) == 2 * 50 * 4
+
+
+def test_resume_at_the_last_step_trains_nothing_and_saves_in_the_new_folder(tmp_path):
+    """A run resumed with max_steps equal to the checkpoint's step (e.g. to turn a
+    universal checkpoint into an ordinary one on the new number of ranks) opens no
+    loader, takes no step and saves nothing mid-loop; the final save then writes
+    that step's tag into its own checkpoint folder (unless it is already there)."""
+    from pipeline.training import checkpointing as ckpt
+    from pipeline.training.loop import LoopContext, run_loop
+
+    class Engine(StandInEngine):
+        def train(self):
+            pass
+
+    import types
+
+    opened, saved, logged = [], [], []
+    tracker = types.SimpleNamespace(log=lambda metrics, step: logged.append(step))
+    ctx = LoopContext(make_loader=lambda e, b: opened.append((e, b)) or [batch()], batches_per_epoch=3,
+                      total_steps=4, rank=0, world_size=1, seed=1, nonfinite="stop", dtype=torch.float32,
+                      image_tokens=16, log_every=1, checkpoint_every=2, save=saved.append, tracker=tracker,
+                      metrics_file=None)
+    engine = Engine()
+    state = TrainState(global_step=4, epoch=1, batch_in_epoch=1, samples_seen=8)
+    before = dataclasses.replace(state)
+    assert run_loop(engine, state, ctx) == before
+    assert (opened, saved, logged, engine.calls) == ([], [], [], 0)
+    new_dir = tmp_path / "one-rank" / "checkpoints"
+    assert ckpt.needs_final_save(str(new_dir), 4, save_final=True)
+    assert not ckpt.needs_final_save(str(new_dir), 4, save_final=False)
+    os.makedirs(new_dir / "global_step4")
+    ckpt.mark_complete(str(new_dir), "global_step4", state)
+    assert not ckpt.needs_final_save(str(new_dir), 4, save_final=True)
+    # One step short: the loop does train.
+    run_loop(engine, TrainState(global_step=3), ctx)
+    assert opened == [(0, 0)] and engine.calls == 1 and logged == [4]
+    assert saved == []  # the last step's checkpoint is the final save's

@@ -117,6 +117,8 @@ def test_auc_ap_match_sklearn():
     rows.append(_p("g", 1, 1, p_fake=None))  # no probability: left out of AUC only
     m = group_metrics(rows)
     assert m["auc"] == auc and m["ap"] == ap and m["n_p_fake"] == 8 and m["n"] == 9
+    # CPM decision p_fake >= 0.5: wrong only on 0.35 (a fake called real) and 0.6 (a real called fake).
+    assert m["cpm_acc"] == 6 / 8
 
 
 def test_generator_order_follows_schema():

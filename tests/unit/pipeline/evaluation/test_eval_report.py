@@ -88,6 +88,7 @@ def _recompute(rows):
         "bleu1": text(parsed, bleu1), "rouge_l": text(parsed, rouge_l), "css": css(parsed),
         "bleu1_strict": text(rows, bleu1), "rouge_l_strict": text(rows, rouge_l), "css_strict": css(rows),
         "parse_failure_rate": (len(rows) - len(parsed)) / len(rows), "auc": auc,
+        "cpm_acc": sum((r["p_fake"] >= 0.5) == (r["label"] == 1) for r in rows) / len(rows),
     }
 
 
