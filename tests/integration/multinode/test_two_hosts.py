@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -62,10 +64,23 @@ def test_each_rank_ran_on_its_own_host_with_its_node_rank(two_host_run):
                                                                            (1, 1, "127.0.0.3")], ranks
     # The ssh connection each rank came through ended at its own host address.
     assert [r["ssh_server"] for r in ranks] == ["127.0.0.2", "127.0.0.3"], ranks
+    # The training ranks themselves: each logs one start-up line on every rank
+    # (pipeline.distributed.rank_banner), which pdsh prefixes with the host it
+    # came from. Global rank, node rank from DeepSpeed's node launcher, the host
+    # name the rank sees and the rendezvous it joined, per rank.
     log = (two_host_run["work"] / "train.log").read_text()
-    for node, host in enumerate(("127.0.0.2", "127.0.0.3")):
-        assert any(line.startswith(f"{host}: ") and f"node_rank={node}" in line for line in log.splitlines()), \
-            f"no node_rank={node} line from {host} in the training log"
+    banner = re.compile(r"^(?P<pdsh>\S+): .*\brank (?P<rank>\d+)/(?P<world>\d+): node (?P<node>\S+)/(?P<nodes>\S+) "
+                        r"\((?P<src>\S+)\), local rank (?P<local>\d+), host (?P<host>\S+), pid (?P<pid>\d+), "
+                        r"rendezvous (?P<rdv>\S+), backend (?P<backend>\S+)\s*$")
+    seen = sorted((m.groupdict() for m in map(banner.match, log.splitlines()) if m), key=lambda g: g["rank"])
+    assert len(seen) == 2, f"expected one start-up line per rank, found {seen}"
+    hostname = socket.gethostname()  # both loopback "hosts" are this machine
+    for rank, (pdsh_host, g) in enumerate(zip(("127.0.0.2", "127.0.0.3"), seen)):
+        assert (g["pdsh"], g["rank"], g["world"], g["node"], g["nodes"], g["src"], g["local"], g["host"],
+                g["backend"]) == (pdsh_host, str(rank), "2", str(rank), "2", "CROSS_RANK/CROSS_SIZE", "0",
+                                  hostname, "gloo"), g
+        assert g["rdv"].startswith("127.0.0.2:"), g
+    assert seen[0]["rdv"] == seen[1]["rdv"] and seen[0]["pid"] != seen[1]["pid"], seen
 
 
 def test_rendezvous_used_the_first_hostfile_host(two_host_run):
