@@ -41,12 +41,7 @@
 # PDSH_SSH_ARGS_APPEND, which pdsh appends to every ssh command line.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$repo/.venv/bin/python" ]]; then
-  py="$repo/.venv/bin/python"
-else
-  py="$(command -v python3 || command -v python)"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"   # sets repo, py, PYTHONPATH
 ds="$(dirname "$py")/deepspeed"
 [[ -x "$ds" ]] || ds="$(command -v deepspeed || true)"
 
@@ -119,7 +114,6 @@ mv "$envfile.tmp" "$envfile"
 # Exported here only: the probe checks that no rank sees it, which shows that the
 # remote ranks' environment is the .deepspeed_env and not this shell's.
 export MULTINODE_SELFTEST_CALLER_ONLY=1
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 launcher=("$ds" --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$master_port")
 [[ -n "$ssh_port" ]] && launcher+=(--ssh_port "$ssh_port")

@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
 # Shard a released MMFR dataset into WebDataset tar shard sets.
 #   bash launch/shard_mmfr.sh MMFR_ROOT OUT_DIR [options]    (--help for the options)
-# Thin wrapper: uses the checkout's .venv/bin/python when it exists, otherwise
-# the python on PATH, and runs `python -m sharding.shard_mmfr` from the checkout.
+# Thin wrapper over `python -m sharding.shard_mmfr` (interpreter: launch/python_env.sh).
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$here/.venv/bin/python" ]]; then
-  py="$here/.venv/bin/python"
-else
-  py="$(command -v python3 || command -v python)"
-fi
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
 exec "$py" -m sharding.shard_mmfr "$@"
