@@ -150,3 +150,22 @@ def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: 
         except Exception:  # noqa: BLE001
             pass
         return None
+
+
+def read_offline_run(run_path: str, timeout: float = 120.0) -> dict:
+    """Read an offline W&B run back with W&B's own CLI (`wandb leet inspect --summary --json`).
+
+    `run_path` is an offline run folder or its .wandb file. Returns the parsed
+    JSON (keys such as "run_id" and "summary"); a CLI failure raises with its
+    stderr, so a run that cannot be read is never mistaken for an empty one.
+    """
+    import json
+    import subprocess
+    import sys
+
+    wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
+    proc = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", run_path],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wandb leet inspect {run_path} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)

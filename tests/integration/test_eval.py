@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tracking import read_offline_run
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
@@ -117,10 +119,7 @@ def test_two_ranks_match_one_process(setup, tmp_path):
     # W&B offline run of the 1-process eval, read back with W&B's own CLI
     logs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))
     assert len(logs) == 1
-    wandb_cli = str(Path(PY).parent / "wandb")
-    res = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", logs[0]], capture_output=True,
-                         text=True, timeout=120)
-    summary = json.loads(res.stdout)["summary"]
+    summary = read_offline_run(logs[0])["summary"]
     assert summary["eval/counts"]["scored"] == total
     assert summary["eval/mmfr/average/n"] == 20
     assert summary["eval/predictions"]["nrows"] == min(32, total) and summary["eval/mmfr/reference"]["nrows"] == 12

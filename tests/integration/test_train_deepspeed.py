@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.launcher import REPO, run_training
+from pipeline.tracking import read_offline_run
 
 pytestmark = pytest.mark.slow
 
@@ -111,18 +112,10 @@ def test_uneven_shards_cross_an_epoch_without_hang(runs):
     assert last["train/samples_seen"] == micro_batches * 4 * 2
 
 
-def _leet_summary(run_dir: str) -> dict:
-    wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
-    proc = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", run_dir], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def test_wandb_offline_run_has_the_metrics(runs):
     info = json.loads((runs["A"] / "run_info.json").read_text())
     assert info["wandb_mode"] == "offline"
-    s = _leet_summary(info["wandb_run_dir"])
+    s = read_offline_run(info["wandb_run_dir"])
     assert s["state"] == "finished" and s["run_id"] == info["wandb_run_id"]
     assert s["step"] == 2 * N
     missing = [k for k in REQUIRED_KEYS if k not in s["summary"]]
@@ -133,7 +126,7 @@ def test_wandb_offline_run_has_the_metrics(runs):
     # The resumed job continued the same W&B run: two offline segments, one id.
     segments = sorted(glob.glob(str(runs["B"] / "wandb" / "offline-run-*")))
     assert len(segments) == 2
-    ids = {_leet_summary(d)["run_id"] for d in segments}
+    ids = {read_offline_run(d)["run_id"] for d in segments}
     assert len(ids) == 1, ids
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tracking import read_offline_run
+
 pytestmark = pytest.mark.slow
 
 # gloo sees a dead peer's closed socket at once and DeepSpeed's node launcher polls
@@ -211,7 +213,7 @@ def test_bad_samples_are_counted_and_training_goes_on(damaged_run, damaged_shard
     named = [l for l in damaged_run["log"].splitlines() if "bad sample" in l and damaged_shards["victim"] in l]
     assert named, "no log line names the damaged shard"
     info = json.loads((damaged_run["out"] / "run_info.json").read_text())
-    summary = _leet_summary(info["wandb_run_dir"])["summary"]
+    summary = read_offline_run(info["wandb_run_dir"])["summary"]
     assert "train/bad_samples" in summary, sorted(summary)
 
 
@@ -227,14 +229,6 @@ def test_a_truncated_shard_stops_training_naming_the_shard(damaged_run, damaged_
 
 # --------------------------------------------------------------------------- W&B unreachable
 
-def _leet_summary(run_dir: str) -> dict:
-    wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
-    proc = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", run_dir], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def test_wandb_unreachable_training_finishes_and_the_run_stays_offline(reference_run, job):
     out = reference_run["out"]
     info = json.loads((out / "run_info.json").read_text())
@@ -242,7 +236,7 @@ def test_wandb_unreachable_training_finishes_and_the_run_stays_offline(reference
     assert os.path.basename(info["wandb_run_dir"]).startswith("offline-run-")
     log = reference_run["log"].read_text(errors="replace")
     assert "W&B init in online mode failed" in log and reference_run["wandb_base_url"].split("//")[1] in log
-    s = _leet_summary(info["wandb_run_dir"])
+    s = read_offline_run(info["wandb_run_dir"])
     assert s["state"] == "finished" and s["step"] == job.steps and s["run_id"] == info["wandb_run_id"]
     # Kept for a later `wandb sync <run dir>`: the run's transaction log is there.
     assert list(Path(info["wandb_run_dir"]).glob("run-*.wandb"))
