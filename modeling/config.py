@@ -21,6 +21,10 @@ CPM_POSITION_MODES = ("labels", "argmax")
 DTYPES = ("float32", "bfloat16", "float16")
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 
+# The conclusion's spelling in the real MMFR answers and in the reference's
+# hard-coded CPM ids (910 = "▁This": a space after the tag).
+DEFAULT_CPM_PREFIX = "<CONCLUSION> This image is"
+
 # CLIP's normalisation constants (OpenAI CLIP); both towers see the same tensor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,12 +77,24 @@ class ClipTowerConfig(VisionTowerConfig):
 class DinoTowerConfig(VisionTowerConfig):
     """DINOv2 tower: last block's pre-norm patch tokens and softmax attention map."""
 
+    path: str | None = None
+    """Local DINOv2 weights: the official `dinov2_vitl14_pretrain.pth` (the file
+    the reference's README has users download; facebookresearch/dinov2 key
+    layout, read with weights_only=True; a `.safetensors` with the same keys
+    also works) with either `model.dino_backend`, or a transformers Dinov2Model
+    directory with the transformers backend. Its position table is resampled to
+    `model.image_size` with the official formula. None builds the tower from
+    the fields below with random weights."""
     layer_norm_eps: float = 1e-6
     """LayerNorm epsilon of the blocks (DINOv2 uses 1e-6)."""
     layerscale_value: float = 1e-5
     """Initial LayerScale value (only used for random init)."""
     native_image_size: int = 518
-    """DINOv2 is trained at 518 (37x37 patches); position embeddings are interpolated."""
+    """Grid of a random-init tower's position table (DINOv2 is trained at 518 px,
+    37x37 patches; a checkpoint's own table size is used instead). The table is
+    resampled once, when the tower is built, to model.image_size as the
+    official DINOv2 code does on every forward: bicubic, scale factor
+    (grid + 0.1) / native grid, no antialias, in float32 (24x24 at 336 px)."""
 
 
 @dataclass
@@ -161,9 +177,20 @@ class CPMConfig:
     """Where the decision position is found: "labels" (the ground-truth
     "...This image is" followed by real/fake) or "argmax" (the reference's
     matching of predicted tokens, for exact reproduction)."""
-    answer_prefix: str = "<CONCLUSION>This image is"
-    """Text after which the next word is the decision (used for the forced
-    prefix in score_p_fake and to locate the position in the labels)."""
+    answer_prefix: str = "auto"
+    """Text after which the next word is the decision. "auto": training derives it
+    from the training answers at start-up (the most common spelling of the
+    conclusion, e.g. "<CONCLUSION> This image is" in the real MMFR) and stores the
+    result with the checkpoint, so evaluation forces exactly the prefix the model
+    was trained on; outside training "auto" means DEFAULT_CPM_PREFIX. The position
+    is located in any whitespace variant of it (modeling.cpm.prefix_regex); this
+    spelling is what score_p_fake appends when an answer has no conclusion, and
+    what the real/fake token ids are derived in."""
+
+    @property
+    def resolved_prefix(self) -> str:
+        """answer_prefix with "auto" resolved to DEFAULT_CPM_PREFIX."""
+        return DEFAULT_CPM_PREFIX if self.answer_prefix == "auto" else self.answer_prefix
 
 
 def _tiny_clip() -> ClipTowerConfig:
@@ -186,14 +213,20 @@ class ModelConfig:
     """Per-channel normalisation mean (also the padding colour)."""
     image_std: tuple[float, float, float] = CLIP_STD
     """Per-channel normalisation std."""
+    apply_exif_orientation: bool = False
+    """Rotate/flip each image by its EXIF Orientation tag before padding. Off
+    by default, as in the reference (it never reads the tag), so that the
+    released weights see the pixels they were trained on; on, a rotated JPEG is
+    shown upright as a viewer displays it."""
     clip: ClipTowerConfig = field(default_factory=ClipTowerConfig)
     """CLIP vision tower."""
     dino: DinoTowerConfig = field(default_factory=DinoTowerConfig)
     """DINOv2 tower."""
     dino_backend: str = "transformers"
-    """How DINOv2 is built/loaded: "transformers" (Dinov2Model, `dino.path` a
-    model dir) or "timm" (VisionTransformer, `dino.path` the official
-    dinov2_vitl14_pretrain.pth). Never guessed from the path."""
+    """How DINOv2 is built/loaded: "transformers" (Dinov2Model; `dino.path` the
+    official dinov2_vitl14_pretrain.pth or a model dir) or "timm"
+    (VisionTransformer; `dino.path` the official .pth). Both hold the same
+    position table, resampled with the official formula. Never guessed from the path."""
     projector_type: str = "mlp2x_gelu"
     """Projector from each tower to the LLM width."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -274,6 +307,10 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must have 3 values, got {getattr(self, name)!r}")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError(f"model.image_std must be positive, got {self.image_std!r}")
+        if not isinstance(self.apply_exif_orientation, bool):
+            # A YAML/JSON string such as "false" would otherwise count as true.
+            raise ConfigError(f"model.apply_exif_orientation must be true or false, "
+                              f"got {self.apply_exif_orientation!r}")
         for tname in ("clip", "dino"):
             t = getattr(self, tname)
             _positive(t, tname, ["hidden_size", "num_layers", "num_heads", "intermediate_size",

@@ -2,39 +2,109 @@
 checked by hand.
 
 At the position whose next token is the decision word after
-"<CONCLUSION>This image is", the LLM's logits of the "real" and "fake" tokens
+"<CONCLUSION> This image is", the LLM's logits of the "real" and "fake" tokens
 are divided by a temperature, soft-maxed, and scored with cross-entropy against
 the image label (0 real, 1 fake). p_fake is the softmax's second entry.
+
+Locating that position must not depend on the whitespace after the tag: the
+real MMFR answers write "<CONCLUSION> This image is fake." (the reference's
+hard-coded ids spell the space), a minority of records write no space, a newline
+or several, and every one of those tokenises differently ("▁This" / "This" /
+"<0x0A>" "This" for a SentencePiece LLaMA tokenizer, "ĠThis" / "This" for a
+byte-level BPE). So no fixed token pattern is matched: the candidates are the
+supervised real/fake tokens, and a candidate is accepted when the text its
+preceding tokens decode to ends with the prefix, whitespace-insensitively
+(`prefix_regex`).
 """
 from __future__ import annotations
+
+import collections
+import re
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# Tokens decoded before a candidate beyond the prefix's own length: room for
+# whitespace runs (each space or newline may be a token of its own).
+_WINDOW_SLACK = 16
 
 
-def find_positions_in_labels(labels: torch.Tensor, pattern: list[int], real_id: int,
-                             fake_id: int) -> torch.Tensor:
-    """Per row, the last position t such that labels[t+1] is the real or fake id and
-    labels[t+1-len(pattern) : t+1] == pattern (the tokens of "...This image is").
-    Returns [B] long, -1 where the row has no such place (e.g. truncated answer)."""
-    b, t = labels.shape
-    nxt = labels[:, 1:]
-    hit = (nxt == real_id) | (nxt == fake_id)  # candidate t in [0, T-1)
-    k = len(pattern)
-    if k:
-        pat = torch.as_tensor(pattern, device=labels.device, dtype=labels.dtype)
-        ok = torch.zeros_like(hit)
-        if t - 1 >= k:
-            # window ending at t (inclusive): labels[t-k+1 .. t]
-            win = labels.unfold(1, k, 1)  # [B, T-k+1, k], window i covers i..i+k-1
-            match = (win == pat).all(-1)  # match[i] -> window ends at i+k-1
-            ok[:, k - 1:] = match[:, : t - 1 - (k - 1)]
-        hit = hit & ok
-    idx = torch.arange(t - 1, device=labels.device).expand(b, -1)
-    last = torch.where(hit, idx, torch.full_like(idx, -1)).max(dim=1).values
-    return last
+def prefix_regex(prefix: str) -> re.Pattern:
+    r"""The prefix as a pattern that allows any whitespace around tags and any run of
+    whitespace between words: "<CONCLUSION> This image is" matches
+    "<CONCLUSION>This image is", "<CONCLUSION>\n  This  image\tis", and so on
+    (case-insensitively; the decision word itself is matched by token id)."""
+    words = prefix.split()
+    if not words:
+        raise ValueError("the CPM prefix is empty")
+    parts = [re.escape(words[0])]
+    for prev, word in zip(words, words[1:]):
+        # Between a tag and a word whitespace is optional; between two words it is not.
+        sep = r"\s*" if prev.endswith(">") or word.startswith("<") else r"\s+"
+        parts += [sep, re.escape(word)]
+    return re.compile("".join(parts), flags=re.IGNORECASE)
+
+
+def last_prefix_end(text: str, prefix: str) -> int:
+    """Index just after the last occurrence of the prefix in `text` (any whitespace),
+    or -1 when there is none."""
+    end = -1
+    for m in prefix_regex(prefix).finditer(text):
+        end = m.end()
+    return end
+
+
+def prefix_spellings(answers, prefix: str) -> "collections.Counter[str]":
+    """How the answers spell the prefix: the exact text of the last match of
+    `prefix_regex(prefix)` followed by "real"/"fake" in each answer, counted."""
+    pattern = re.compile(f"({prefix_regex(prefix).pattern})\\s*(?:real|fake)\\b", flags=re.IGNORECASE)
+    counts: collections.Counter[str] = collections.Counter()
+    for text in answers:
+        matches = pattern.findall(text)
+        if matches:
+            counts[matches[-1]] += 1
+    return counts
+
+
+class DecisionLocator:
+    """Finds the CPM position in token ids: the last t such that ids[t+1] is a
+    decision token, is supervised, and the tokens before it decode to text ending
+    with the prefix (plus optional whitespace).
+
+    tokenizer: any transformers tokenizer (decode is the only call made);
+    prefix: the conclusion text before the decision word, e.g. "<CONCLUSION> This image is";
+    decision_tokens: the ids that can carry the decision there (modeling.tokenizer.cpm_decision_tokens);
+    prefix_len: the prefix's length in tokens (the window decoded is this plus a slack).
+    """
+
+    def __init__(self, tokenizer, prefix: str, decision_tokens, prefix_len: int):
+        self.tokenizer = tokenizer
+        self.prefix = prefix
+        self.decision_tokens = frozenset(int(t) for t in decision_tokens)
+        self.window = int(prefix_len) + _WINDOW_SLACK
+        self._ends_with_prefix = re.compile(f"(?:{prefix_regex(prefix).pattern})\\s*$", flags=re.IGNORECASE)
+
+    def _accepts(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self._ends_with_prefix.search(text) is not None
+
+    def row_position(self, row: list[int]) -> int:
+        """Position in one row of labels (IGNORE_INDEX outside the answer), -1 if none."""
+        for t in range(len(row) - 2, -1, -1):
+            if row[t + 1] not in self.decision_tokens:
+                continue
+            ctx = [x for x in row[max(0, t + 1 - self.window): t + 1] if x >= 0]
+            if self._accepts(ctx):
+                return t
+        return -1
+
+    def positions(self, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T] labels -> [B] long positions (-1 where a row has none, e.g. a
+        truncated answer). The decision token must be supervised; the context
+        may include prompt tokens (as ignored labels they are skipped)."""
+        rows = labels.detach().cpu().tolist()
+        return torch.tensor([self.row_position(r) for r in rows], dtype=torch.long, device=labels.device)
 
 
 def find_positions_by_argmax(logits: torch.Tensor, labels: torch.Tensor, real_id: int,

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from modeling import cpm as cpm_math
+from modeling.base_checkpoint import init_projectors_from_base
 from modeling.config import ConfigError, ModelConfig
 from modeling.fusion import ForgeryAwareFusion
 from modeling.llm import apply_lora, build_llm, causal_lm, llm_dtype
@@ -99,16 +100,16 @@ class FakeReasoningModel(nn.Module):
         self.config = cfg
         self.tokenizer = tokenizer
         self.real_id = self.fake_id = None
-        self.cpm_pattern: list[int] = []
+        self.cpm_locator: cpm_math.DecisionLocator | None = None
         vocab = None
         pad = bos = eos = None
         if tokenizer is not None:
-            from modeling.tokenizer import cpm_context
+            from modeling.tokenizer import cpm_context, cpm_decision_tokens
 
-            prefix, self.real_id, self.fake_id = cpm_context(tokenizer)
-            # The first prefix token may merge with whatever precedes the tag in an
-            # answer ("\n", " "); the rest is context-independent.
-            self.cpm_pattern = list(prefix[1:]) if len(prefix) > 1 else list(prefix)
+            prefix = cfg.cpm.resolved_prefix
+            prefix_ids, self.real_id, self.fake_id = cpm_context(tokenizer, prefix)
+            self.cpm_locator = cpm_math.DecisionLocator(tokenizer, prefix, cpm_decision_tokens(tokenizer, prefix),
+                                                        len(prefix_ids))
             vocab = len(tokenizer)
             pad, bos, eos = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
 
@@ -124,6 +125,8 @@ class FakeReasoningModel(nn.Module):
         for m in (self.clip_projector, self.dino_projector, self.fusion):
             m.to(dtype)
         self.llm = apply_lora(build_llm(cfg, vocab, pad, bos, eos), cfg.lora)
+        # A LLaVA base at llm.path carries the projectors' starting weights (fusion stays random).
+        init_projectors_from_base(cfg, {"clip_projector": self.clip_projector, "dino_projector": self.dino_projector})
         for tower, tcfg in ((self.clip_tower, cfg.clip), (self.dino_tower, cfg.dino)):
             tower.requires_grad_(not tcfg.freeze)
 
@@ -199,8 +202,7 @@ class FakeReasoningModel(nn.Module):
         b = input_ids.shape[0]
         if c.enabled and self.real_id is not None:
             if c.position == "labels":
-                pos = cpm_math.find_positions_in_labels(labels_x, self.cpm_pattern, self.real_id,
-                                                        self.fake_id)
+                pos = self.cpm_locator.positions(labels_x)
             else:
                 pos = cpm_math.find_positions_by_argmax(logits, labels_x, self.real_id,
                                                         self.fake_id)
@@ -272,14 +274,15 @@ class FakeReasoningModel(nn.Module):
     @torch.no_grad()
     def score_p_fake(self, pixel_values: torch.Tensor, prompts: Sequence,
                      answers: Sequence[str | None] | None = None) -> torch.Tensor:
-        """p(fake) [B] (float32) from the real/fake logits right after
-        "<CONCLUSION>This image is": the one inside each generated answer (text up to
-        it is kept), or a forced one (appended to the answer, or alone when the
-        answer is None / has no conclusion)."""
+        """p(fake) [B] (float32) from the real/fake logits right after the conclusion
+        prefix (`cpm.answer_prefix`, the one the model was trained on): the last one
+        inside each generated answer, whatever its whitespace (text up to it is kept),
+        or a forced one (appended to the answer, or alone when the answer is None /
+        has no conclusion)."""
         tok = self._require_tokenizer("score_p_fake")
         from modeling.template import encode_answer
 
-        prefix = self.config.cpm.answer_prefix
+        prefix = self.config.cpm.resolved_prefix
         ids = self._prompt_ids(prompts)
         answers = list(answers) if answers is not None else [None] * len(ids)
         if len(answers) != len(ids):
@@ -287,9 +290,9 @@ class FakeReasoningModel(nn.Module):
         full = []
         for x, ans in zip(ids, answers):
             ans = (ans or "").strip()
-            cut = ans.rfind(prefix)
-            if cut >= 0:
-                text = ans[: cut + len(prefix)]
+            end = cpm_math.last_prefix_end(ans, prefix)
+            if end >= 0:
+                text = ans[:end]
             else:
                 text = f"{ans} {prefix}" if ans else prefix
             full.append(x + encode_answer(tok, text))

@@ -11,26 +11,38 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
+from .config import DEFAULT_CPM_PREFIX
 from .template import VICUNA_SYSTEM, encode_answer
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
 # The answer's structure tags: added as normal (non-special) tokens so each is
 # one id, survives `decode(skip_special_tokens=True)` and can be parsed back.
-TAG_TOKENS = ("<REASONING>", "</REASONING>", "<CONCLUSION>", "</CONCLUSION>")
+# MMFR answers are LLaVA-CoT style: SUMMARY, CAPTION, REASONING, CONCLUSION.
+TAG_TOKENS = ("<SUMMARY>", "</SUMMARY>", "<CAPTION>", "</CAPTION>", "<REASONING>", "</REASONING>",
+              "<CONCLUSION>", "</CONCLUSION>")
 
-# The CPM reads the logits of the token after this text (DESIGN section 5).
-CPM_PREFIX = "<CONCLUSION>This image is"
-# The conclusions tokenised for the lookup, spelled as they end an answer: the
-# closing tag is included because a tokenizer may merge "real." with it.
-CPM_REAL_TEXT = f"{CPM_PREFIX} real.</CONCLUSION>"
-CPM_FAKE_TEXT = f"{CPM_PREFIX} fake.</CONCLUSION>"
+# The CPM reads the logits of the token after this text (DESIGN section 5). It is
+# spelled as in the real MMFR answers and in the reference's hard-coded ids
+# ("<CONCLUSION> This image is", with a space after the tag); the position is
+# located whatever whitespace a given answer has there (modeling.cpm).
+CPM_PREFIX = DEFAULT_CPM_PREFIX
+
+
+def cpm_conclusion_texts(prefix: str = CPM_PREFIX) -> tuple[str, str]:
+    """The real and fake conclusions tokenised for the lookup, spelled as they end an
+    answer: the closing tag is included because a tokenizer may merge "real." with it."""
+    return f"{prefix} real. </CONCLUSION>", f"{prefix} fake. </CONCLUSION>"
+
+
+CPM_REAL_TEXT, CPM_FAKE_TEXT = cpm_conclusion_texts()
 
 # Texts every corpus gets in addition to the caller's: they make the words the
 # template and the CPM rely on ("ASSISTANT", " real", " fake", ...) frequent
@@ -43,6 +55,9 @@ def _seed_texts() -> list[str]:
         f"{VICUNA_SYSTEM} USER: hello ASSISTANT: hi",
         CPM_REAL_TEXT,
         CPM_FAKE_TEXT,
+        # The other spelling, so "This" directly after the tag is a token too.
+        "<CONCLUSION>This image is real.</CONCLUSION>",
+        "<CONCLUSION>This image is fake.</CONCLUSION>",
     ]
 
 
@@ -132,8 +147,9 @@ def demo_corpus(attributes: Iterable[str], questions: Iterable[str]) -> Iterator
     Pass the shared vocabulary: `demo_corpus(schema.ATTRIBUTES, [schema.EVAL_QUESTION])`
     (modeling/ does not import sharding/, so the caller hands it in). Yields the
     system text, each question in the template, each attribute name, and one
-    answer per attribute with a <REASONING> part and a real/fake <CONCLUSION>,
-    so the tiny preset's tokenizer encodes real samples in short sequences.
+    answer per attribute in the LLaVA-CoT layout (SUMMARY, CAPTION, REASONING,
+    a real/fake CONCLUSION), so the tiny preset's tokenizer encodes real samples
+    in short sequences.
     """
     yield VICUNA_SYSTEM
     for q in questions:
@@ -142,9 +158,11 @@ def demo_corpus(attributes: Iterable[str], questions: Iterable[str]) -> Iterator
         yield attr
         word = ("real", "fake")[i % 2]
         yield (
-            f"<REASONING>The image shows a scene. {attr}: the details of the image look "
-            f"{'natural' if word == 'real' else 'unnatural'}.</REASONING>\n"
-            f"<CONCLUSION>{CPM_PREFIX} {word}.</CONCLUSION>"
+            f"<SUMMARY> I will describe the image and check it for signs of generation. </SUMMARY> "
+            f"<CAPTION> The image shows a scene. </CAPTION> "
+            f"<REASONING> {attr}: the details of the image look "
+            f"{'natural' if word == 'real' else 'unnatural'}. </REASONING> "
+            f"{CPM_PREFIX} {word}. </CONCLUSION>"
         )
 
 
@@ -152,30 +170,31 @@ class CpmTokenError(ValueError):
     """The tokenizer cannot give the CPM one real and one fake token at one position."""
 
 
-def cpm_context(tokenizer) -> tuple[list[int], int, int]:
+def cpm_context(tokenizer, prefix: str = CPM_PREFIX) -> tuple[list[int], int, int]:
     """(prefix_ids, real_id, fake_id): ids of the answer text before the real/fake token, and the two tokens.
 
     Both conclusions are tokenised the way they appear in an answer (via the
     template's answer encoding), and the first position where they differ is
     the CPM token. That position must be "aligned": what precedes it must be
-    "<CONCLUSION>This image is" plus at most whitespace, so the logits there
-    are those of the model choosing the word, not of some merged piece.
+    `prefix` ("<CONCLUSION> This image is") plus at most whitespace, so the
+    logits there are those of the model choosing the word, not of some merged piece.
     """
     name = type(tokenizer).__name__
-    real = encode_answer(tokenizer, CPM_REAL_TEXT)
-    fake = encode_answer(tokenizer, CPM_FAKE_TEXT)
+    real_text, fake_text = cpm_conclusion_texts(prefix)
+    real = encode_answer(tokenizer, real_text)
+    fake = encode_answer(tokenizer, fake_text)
     k = next((i for i, (a, b) in enumerate(zip(real, fake)) if a != b), None)
     if k is None:
         raise CpmTokenError(
-            f"tokenizer {name} encodes {CPM_REAL_TEXT!r} and {CPM_FAKE_TEXT!r} without a differing "
+            f"tokenizer {name} encodes {real_text!r} and {fake_text!r} without a differing "
             f"position (ids {real} vs {fake}); the CPM needs a real and a fake token"
         )
-    prefix = encode_answer(tokenizer, CPM_PREFIX)
-    gap = real[len(prefix):k]
-    if real[: len(prefix)] != prefix or tokenizer.decode(gap).strip():
+    prefix_ids = encode_answer(tokenizer, prefix)
+    gap = real[len(prefix_ids):k]
+    if real[: len(prefix_ids)] != prefix_ids or tokenizer.decode(gap).strip():
         raise CpmTokenError(
-            f"tokenizer {name}: the first differing token of {CPM_REAL_TEXT!r} / {CPM_FAKE_TEXT!r} is at "
-            f"position {k}, which does not directly follow {CPM_PREFIX!r} (tokens "
+            f"tokenizer {name}: the first differing token of {real_text!r} / {fake_text!r} is at "
+            f"position {k}, which does not directly follow {prefix!r} (tokens "
             f"{tokenizer.convert_ids_to_tokens(real)} vs {tokenizer.convert_ids_to_tokens(fake)})"
         )
     unk = tokenizer.unk_token_id
@@ -184,7 +203,42 @@ def cpm_context(tokenizer) -> tuple[list[int], int, int]:
     return real[:k], real[k], fake[k]
 
 
-def cpm_token_ids(tokenizer) -> tuple[int, int]:
+# A token that carries the decision: the word, optionally after whitespace, and
+# not followed by a letter ("▁real", "Ġfake", "▁real.</CONCLUSION>"; not "▁really").
+_DECISION_PIECE = re.compile(r"\s*(real|fake)([\s.!?,;:]*)(.*)", flags=re.S)
+_CLOSING_TAG = "</CONCLUSION>"
+
+
+def _decision_label(piece: str) -> int | None:
+    """0/1 when a token's text is the decision word, optionally followed by
+    punctuation, whitespace and (part of) the closing tag; else None."""
+    m = _DECISION_PIECE.fullmatch(piece)
+    if m is None:
+        return None
+    rest = m.group(3).rstrip()
+    if rest and not (_CLOSING_TAG.startswith(rest) or rest == _CLOSING_TAG):
+        return None
+    return 0 if m.group(1) == "real" else 1
+
+
+def cpm_decision_tokens(tokenizer, prefix: str = CPM_PREFIX) -> dict[int, int]:
+    """{token id: 0 real / 1 fake} of every token that can carry the decision right
+    after `prefix` in an answer: the canonical pair of cpm_context and every other
+    vocabulary entry that decodes to the word plus punctuation or whitespace. A
+    small vocabulary merges the word with what follows it ("▁fake." vs "▁fake" +
+    ".</", "▁real.\n</CONCLUSION>"), so which token carries the decision depends
+    on the answer's spelling. The CPM always reads the canonical pair's logits;
+    the other ids only let the position be found in every spelling."""
+    _, real_id, fake_id = cpm_context(tokenizer, prefix)
+    found = {real_id: 0, fake_id: 1}
+    for tid in range(len(tokenizer)):
+        label = _decision_label(tokenizer.decode([tid]))
+        if label is not None:
+            found.setdefault(tid, label)
+    return found
+
+
+def cpm_token_ids(tokenizer, prefix: str = CPM_PREFIX) -> tuple[int, int]:
     """(real_id, fake_id) for the CPM, derived from the tokenizer in context (never hard-coded)."""
-    _, real_id, fake_id = cpm_context(tokenizer)
+    _, real_id, fake_id = cpm_context(tokenizer, prefix)
     return real_id, fake_id

@@ -1,13 +1,10 @@
-"""ModelConfig presets, validation messages, (de)serialisation, and ImageProcessor."""
+"""ModelConfig presets, validation messages, (de)serialisation (ImageProcessor: test_image_processing.py)."""
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from modeling.config import CLIP_MEAN, CLIP_STD, ConfigError, ModelConfig
-from modeling.image_processing import ImageProcessor
+from modeling.config import ConfigError, ModelConfig
 
 
 def test_paper_preset_matches_the_recipe():
@@ -74,54 +71,3 @@ def test_flash_attention_where_it_cannot_run_is_a_startup_error():
     cfg.validate()  # statically fine ...
     with pytest.raises(ConfigError, match="llm.attn_implementation=flash_attention_2"):
         cfg.check_runtime()  # ... but not on this machine
-
-
-# ---------------------------------------------------------------- image processing
-def _proc(size=56):
-    cfg = ModelConfig.preset("tiny")
-    cfg.image_size = size
-    return ImageProcessor(cfg)
-
-
-def test_image_processor_shape_and_normalisation():
-    px = _proc()(Image.new("RGB", (80, 40), (255, 0, 0)))
-    assert px.shape == (3, 56, 56) and px.dtype == torch.float32
-    # centre is the red image, the padded band is the CLIP mean colour (normalises to ~0)
-    red = (np.array([1.0, 0.0, 0.0]) - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
-    np.testing.assert_allclose(px[:, 28, 28].numpy(), red, atol=1e-4)
-    assert px[:, 0, 28].abs().max() < 0.01 and px[:, 55, 28].abs().max() < 0.01
-
-
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
-def test_image_processor_any_mode(mode):
-    img = Image.new("RGB", (30, 30), (10, 200, 30))
-    if mode == "I;16":
-        img = Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16))
-    else:
-        img = img.convert(mode)
-    px = _proc()(img)
-    assert px.shape == (3, 56, 56) and torch.isfinite(px).all()
-    if mode == "I;16":  # 16-bit range rescaled, not clipped to white
-        assert px.max() < (1.0 - CLIP_MEAN[0]) / CLIP_STD[0] - 0.1
-
-
-def test_image_processor_applies_exif_orientation():
-    arr = np.zeros((20, 40, 3), dtype=np.uint8)
-    arr[:, :20] = 255  # left half white
-    img = Image.fromarray(arr)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 CW to display
-    import io
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=100)
-    loaded = Image.open(io.BytesIO(buf.getvalue()))
-    proc = _proc(40)
-    got = proc(loaded)
-    expected = proc(img.transpose(Image.Transpose.ROTATE_270))
-    assert torch.allclose(got, expected, atol=0.1)
-    assert not torch.allclose(got, proc(img), atol=0.1)
-
-
-def test_image_processor_rejects_non_images():
-    with pytest.raises(TypeError):
-        _proc()(np.zeros((4, 4, 3)))

@@ -14,9 +14,10 @@ from modeling.tokenizer import build_bpe_tokenizer, cpm_context, demo_corpus
 
 torch.set_num_threads(1)
 QUESTION = "Is this image real or fake?"
+# The real MMFR layout (a space after each opening tag) and a minority spelling.
 ANSWERS = [
-    ("<REASONING>The texture looks unnatural.</REASONING>\n"
-     "<CONCLUSION>This image is fake.</CONCLUSION>", 1),
+    ("<SUMMARY> I will check the image. </SUMMARY> <CAPTION> A scene. </CAPTION> "
+     "<REASONING> The texture looks unnatural. </REASONING> <CONCLUSION> This image is fake. </CONCLUSION>", 1),
     ("<REASONING>The image shows a natural scene with consistent lighting and fine "
      "detail.</REASONING>\n<CONCLUSION>This image is real.</CONCLUSION>", 0),
 ]
@@ -106,16 +107,10 @@ def test_merge_image_features_by_hand():
         merge_image_features(text, ids.clamp(min=0), img, mask, labels)
 
 
-def test_cpm_positions_and_loss_by_hand():
+def test_cpm_loss_by_hand():
+    # Positions as the locator gives them (tests/unit/modeling/test_cpm.py checks those).
     real, fake = 11, 12
-    pat = [3, 4]
-    labels = torch.tensor([
-        [-100, 12, 3, 4, 12, 9, 2],     # "fake" in the text, then 3 4 -> fake at index 4
-        [-100, -100, 3, 4, 11, 2, -100],  # real at index 4
-        [-100, 3, 5, 12, 2, -100, -100],  # no pattern before the word -> not found
-    ])
-    pos = cpm_math.find_positions_in_labels(labels, pat, real, fake)
-    assert pos.tolist() == [3, 3, -1]
+    pos = torch.tensor([3, 3, -1])
     logits = torch.zeros(3, 7, 16)
     logits[0, 3, real], logits[0, 3, fake] = 2.0, 7.0
     logits[1, 3, real], logits[1, 3, fake] = 1.0, 4.0   # wrong: label real, leans fake

@@ -13,6 +13,7 @@ from modeling.tokenizer import (
     build_bpe_tokenizer,
     build_llama_style_tokenizer,
     cpm_context,
+    cpm_decision_tokens,
     cpm_token_ids,
     demo_corpus,
 )
@@ -71,22 +72,26 @@ def test_vocab_size_too_small_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sp", "sp_legacy"])
-def test_cpm_ids_are_where_the_training_labels_put_the_word(kind, bpe):
+@pytest.mark.parametrize("spacing", [" ", "", "\n"])
+def test_cpm_ids_are_where_the_training_labels_put_the_word(kind, spacing, bpe):
     tok = {"bpe": bpe, "sp": None, "sp_legacy": None}[kind] or sp_tokenizer(legacy=kind == "sp_legacy")
     prefix_ids, real_id, fake_id = cpm_context(tok)
-    assert real_id != fake_id
+    decision = cpm_decision_tokens(tok)
+    assert real_id != fake_id and decision[real_id] == 0 and decision[fake_id] == 1
     assert tok.decode([real_id]).strip().startswith("real")
     assert tok.decode([fake_id]).strip().startswith("fake")
-    for word, want in (("real", real_id), ("fake", fake_id)):
-        answer = f"<REASONING>Looks fine.</REASONING>\n<CONCLUSION>This image is {word}.</CONCLUSION>"
+    for word, label in (("real", 0), ("fake", 1)):
+        s = spacing
+        answer = (f"<SUMMARY>{s}Look.{s}</SUMMARY>{s}<REASONING>{s}Looks fine.{s}</REASONING>{s}"
+                  f"<CONCLUSION>{s}This image is {word}.{s}</CONCLUSION>")
         ex = build_training_example(tok, schema.EVAL_QUESTION, answer)
         sup = [t for t in ex.labels if t != -100]
-        # The word token follows the conclusion prefix ids inside the
-        # supervised answer (the tag may tokenise differently at the very
-        # start of an answer than after "\n", so match the " image is" tail).
+        # The word follows " image is" inside the supervised answer (the tokens
+        # before "image" depend on the whitespace after the tag), and whatever
+        # token the spelling gives it is one of the decision tokens, with its label.
         tail = prefix_ids[-2:]
         hits = [i + len(tail) for i in range(len(sup) - len(tail)) if sup[i : i + len(tail)] == tail]
-        assert hits and sup[hits[-1]] == want, (tok.convert_ids_to_tokens(sup), tail)
+        assert hits and decision.get(sup[hits[-1]]) == label, (tok.convert_ids_to_tokens(sup), tail)
 
 
 def test_cpm_error_when_real_and_fake_are_not_separable():
