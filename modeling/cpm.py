@@ -35,7 +35,8 @@ def prefix_regex(prefix: str) -> re.Pattern:
     whitespace between words: "<CONCLUSION> This image is" matches
     "<CONCLUSION>This image is", "<CONCLUSION>\n  This  image\tis", and so on
     (case-insensitively; the decision word itself is matched by token id)."""
-    words = prefix.split()
+    # Tags are pieces of their own even when written against a word ("<CONCLUSION>This").
+    words = re.findall(r"<[^<>]+>|[^\s<>]+|[<>]", prefix)
     if not words:
         raise ValueError("the CPM prefix is empty")
     parts = [re.escape(words[0])]

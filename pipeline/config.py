@@ -161,6 +161,19 @@ class WandbConfig:
     """Seconds wandb.init may take before falling back to offline."""
 
 
+@dataclass
+class CpmCheckConfig:
+    """Guards against a CPM that silently never fires (its loss would be zero)."""
+
+    prefix_samples: int = 1000
+    """Training answers read at start-up to resolve model.cpm.answer_prefix="auto"
+    (their most common spelling of the conclusion) and to check an explicit one."""
+    abort_after_steps: int = 10
+    """Stop the run when its first this many optimizer steps found no CPM position
+    in any sample, naming the conclusion text expected (0: never stop). Every
+    step without one is also logged as a warning with the batch's sample keys."""
+
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -191,6 +204,8 @@ class TrainConfig:
     """Checkpoints and resume."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Tracking."""
+    cpm_check: CpmCheckConfig = field(default_factory=CpmCheckConfig)
+    """Start-up and per-step checks that the CPM finds its position."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss: stop naming the step and batch keys, or skip the micro-batch."""
     distributed_timeout_s: float = 1800.0
@@ -430,6 +445,10 @@ def _check_train(c: TrainConfig) -> None:
         bad("checkpoint.resume", f"must be 'auto', null or an existing checkpoint folder; {k.resume} is none")
     if not (c.distributed_timeout_s > 0 and math.isfinite(c.distributed_timeout_s)):
         bad("distributed_timeout_s", f"must be a finite number of seconds > 0, got {c.distributed_timeout_s}")
+    if c.cpm_check.prefix_samples < 1:
+        bad("cpm_check.prefix_samples", f"must be >= 1, got {c.cpm_check.prefix_samples}")
+    if c.cpm_check.abort_after_steps < 0:
+        bad("cpm_check.abort_after_steps", f"must be >= 0 (0 disables), got {c.cpm_check.abort_after_steps}")
     if c.wandb.init_timeout <= 0:
         bad("wandb.init_timeout", f"must be > 0, got {c.wandb.init_timeout}")
     if c.tokenizer.path is None and c.tokenizer.vocab_size < 300:

@@ -29,26 +29,70 @@ log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels", "forgery_labels")
 # Layout of the per-micro-batch all-reduced statistics.
-_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE = range(8)
+_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE, _FOUND = range(9)
+_NUM_STATS = 9
 
 
 class NonFiniteLossError(RuntimeError):
     """A non-finite loss with nonfinite: stop."""
 
 
+class CpmNotFoundError(RuntimeError):
+    """The CPM found its position in no sample of the run's first steps."""
+
+
+@dataclass
+class CpmWatch:
+    """Watches that the CPM finds its position: a silent zero CPM loss is the
+    failure mode of a conclusion spelled differently from what the model expects."""
+
+    enabled: bool
+    """The CPM loss is on (nothing is watched otherwise)."""
+    prefix: str
+    """The conclusion text expected before the decision word (named in the messages)."""
+    abort_after_steps: int = 10
+    """Stop when the run's first this many steps found no position at all (0: never)."""
+    steps: int = 0
+    found_any: bool = False
+
+    def after_step(self, acc: "StepAccumulator", step: int, rank: int) -> None:
+        """Called on every rank after each optimizer step (the sums are global, so
+        all ranks agree on whether to gather the keys and whether to stop)."""
+        if not self.enabled:
+            return
+        self.steps += 1
+        if acc.sums[_FOUND] > 0:
+            self.found_any = True
+            return
+        keys = dist.all_gather_objects(list(acc.keys))
+        expected = f"{self.prefix!r} followed by real/fake"
+        if rank == 0:
+            log.warning("step %d: no sample of the batch has a CPM position (%s, in any whitespace), so its CPM "
+                        "loss is 0; sample keys per rank: %s", step, expected, keys)
+        if self.abort_after_steps and not self.found_any and self.steps >= self.abort_after_steps:
+            raise CpmNotFoundError(
+                f"the first {self.steps} optimizer steps of this run found no CPM position in any sample: no "
+                f"supervised answer contains {expected} (model.cpm.answer_prefix). The CPM loss has been 0 "
+                f"throughout. Check the conclusion text of the training answers, set model.cpm.answer_prefix "
+                f"to what precedes the real/fake word, or disable the check with cpm_check.abort_after_steps=0")
+
+
 @dataclass
 class StepAccumulator:
     """Global sums over the micro-batches of one optimizer step."""
 
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(8, dtype=torch.float64))
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(_NUM_STATS, dtype=torch.float64))
     micro: int = 0
+    keys: list = field(default_factory=list)
+    """This rank's sample keys of the step (named when the step has no CPM position)."""
     started: float = field(default_factory=time.perf_counter)
     lrs: list[float] = field(default_factory=list)
     """Learning rates the step's update used (read before the scheduler advances)."""
 
-    def add(self, stats: torch.Tensor) -> None:
+    def add(self, stats: torch.Tensor, keys=()) -> None:
         self.sums += stats
         self.micro += 1
+        self.keys.extend(keys)
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -67,7 +111,7 @@ def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[
 
 def micro_stats(out: Any, batch: dict, world_size: int, image_tokens: int) -> torch.Tensor:
     """This rank's statistics of one micro-batch (all-reduced by the caller)."""
-    s = torch.zeros(8, dtype=torch.float64)
+    s = torch.zeros(_NUM_STATS, dtype=torch.float64)
     loss = out.loss.detach().float()
     finite = bool(torch.isfinite(loss))
     s[_NONFINITE] = 0.0 if finite else 1.0
@@ -80,6 +124,9 @@ def micro_stats(out: Any, batch: dict, world_size: int, image_tokens: int) -> to
     correct = getattr(out, "cpm_correct", None)
     if correct is not None:
         s[_CORRECT] = float(correct.detach().float().sum())
+    found = getattr(out, "cpm_found", None)
+    if found is not None:
+        s[_FOUND] = float(found.detach().float().sum())
     n = batch["input_ids"].shape[0]
     s[_N] = n
     # LLM positions: text tokens plus the image tokens that replace the placeholder.
@@ -116,7 +163,7 @@ def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulat
         acc.lrs = dist.current_lrs(engine)
     engine.backward(out.loss)
     engine.step()
-    acc.add(stats)
+    acc.add(stats, batch.get("keys", ()))
     state.samples_seen += int(stats[_N])
     return boundary
 
@@ -137,6 +184,8 @@ def step_metrics(engine, acc: StepAccumulator, state: TrainState, batches_per_ep
         "train/lm_loss": s[_LM].item() / ranks_micro,
         "train/cpm_loss": s[_CPM].item() / ranks_micro,
         "train/cpm_acc": s[_CORRECT].item() / max(s[_N].item(), 1),
+        # Share of samples whose answer has a CPM position (the rest add no CPM loss).
+        "train/cpm_found_frac": s[_FOUND].item() / max(s[_N].item(), 1),
         "train/lr": lrs[0],
         "train/epoch": state.epoch + state.batch_in_epoch / max(batches_per_epoch, 1),
         "train/samples_seen": float(state.samples_seen),
@@ -206,6 +255,8 @@ class LoopContext:
     progress: Any = None
     stop_step: int | None = None
     """Leave the loop at this step (<= total_steps) without changing the schedule."""
+    cpm_watch: CpmWatch | None = None
+    """Per-step check that the CPM finds its position (None: no check)."""
 
     @property
     def end_step(self) -> int:
@@ -227,6 +278,8 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
             if not stepped:
                 continue
             state.global_step += 1
+            if ctx.cpm_watch is not None:
+                ctx.cpm_watch.after_step(acc, state.global_step, ctx.rank)
             if state.global_step % ctx.log_every == 0 or state.global_step == ctx.total_steps:
                 metrics = step_metrics(engine, acc, state, ctx.batches_per_epoch, ctx.world_size)
                 if ctx.rank == 0:

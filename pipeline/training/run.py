@@ -19,7 +19,7 @@ import yaml
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.training import checkpointing as ckpt
-from pipeline.training.loop import LoopContext, run_loop
+from pipeline.training.loop import CpmWatch, LoopContext, run_loop
 from pipeline.training.schedule import build_schedule
 
 log = logging.getLogger("pipeline.training")
@@ -32,15 +32,18 @@ log = logging.getLogger("pipeline.training")
 _SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
-def _conversation_texts(meta) -> list[str]:
+def _conversation_texts(meta, roles: tuple[str, ...] | None = None) -> list[str]:
     convs = meta.get("conversations") if isinstance(meta, dict) else None
     return [str(turn.get("value", "")).replace("<image>", "")
             for conv in (convs if isinstance(convs, list) else []) if isinstance(conv, list)
-            for turn in conv if isinstance(turn, dict)]
+            for turn in conv if isinstance(turn, dict) and (roles is None or turn.get("from") in roles)]
 
 
-def shard_corpus(train_shards: str, limit: int):
-    """Question and answer texts of the first `limit` samples of the training shards.
+def shard_corpus(train_shards: str, limit: int, roles: tuple[str, ...] | None = None,
+                 purpose: str = "the tokenizer is built from data.train_shards (tokenizer.path is null)",
+                 remedy: str = "set tokenizer.path"):
+    """Question and answer texts (`roles`: only the turns of these speakers, e.g.
+    ("gpt",)) of the first `limit` samples of the training shards.
 
     A shard that cannot be read to its end (truncated, corrupt) contributes the
     samples before the damage; the rest of it is skipped with a warning naming
@@ -49,8 +52,7 @@ def shard_corpus(train_shards: str, limit: int):
     """
     paths = sorted(glob.glob(os.path.join(train_shards, "*.tar"))) if os.path.isdir(train_shards) else []
     if not paths:
-        raise FileNotFoundError(f"tokenizer.path is null, so the tokenizer is built from data.train_shards, "
-                                f"but {train_shards} holds no *.tar shard; set tokenizer.path")
+        raise FileNotFoundError(f"{purpose}, but {train_shards} holds no *.tar shard; {remedy}")
     n = 0
     skipped: list[str] = []
     for path in paths:
@@ -59,19 +61,64 @@ def shard_corpus(train_shards: str, limit: int):
                 for member in tar:
                     if not (member.isfile() and member.name.endswith(".json")):
                         continue
-                    yield from _conversation_texts(json.loads(tar.extractfile(member).read()))
+                    yield from _conversation_texts(json.loads(tar.extractfile(member).read()), roles)
                     n += 1
                     if n >= limit:
                         return
         except _SHARD_READ_ERRORS as e:
             reason = f"{type(e).__name__}: {e}"
-            log.warning("tokenizer corpus: skipped the rest of %s: %s", path, reason)
+            log.warning("reading the training shards: skipped the rest of %s: %s", path, reason)
             skipped.append(f"{path} ({reason})")
     if n == 0:
-        raise ValueError(f"tokenizer.path is null, so the tokenizer is built from data.train_shards, but no "
-                         f"sample of {train_shards} could be read"
+        raise ValueError(f"{purpose}, but no sample of {train_shards} could be read"
                          + (f"; unreadable: {'; '.join(skipped)}" if skipped else " (the shards hold no .json member)")
-                         + "; set tokenizer.path or repair the shards")
+                         + f"; {remedy} or repair the shards")
+
+
+def resolve_cpm_prefix(cfg: TrainConfig, info: dist.DistInfo) -> str:
+    """The conclusion prefix the CPM trains on, decided on rank 0 and broadcast.
+
+    model.cpm.answer_prefix="auto" takes the most common spelling in the first
+    cpm_check.prefix_samples answers of the training shards, so the forced prefix
+    stored with the checkpoint (and used by evaluation) is the one the data has.
+    An explicit prefix is checked against the same answers: one that occurs in
+    none of them is an error, since the CPM would never find its position.
+    """
+    from modeling.cpm import prefix_spellings
+
+    c = cfg.model.cpm
+    decision: tuple[str | None, str | None] = (None, None)
+    if info.is_main and c.enabled:
+        wanted = c.resolved_prefix
+        try:
+            answers = list(shard_corpus(cfg.data.train_shards, cfg.cpm_check.prefix_samples, roles=("gpt",),
+                                        purpose="model.cpm.answer_prefix is checked against the training answers",
+                                        remedy="check data.train_shards"))
+            counts = prefix_spellings(answers, wanted)
+            if not counts:
+                decision = (None, f"none of the first {len(answers)} training answers of {cfg.data.train_shards} "
+                                  f"contains the CPM conclusion {wanted!r} followed by real/fake (in any "
+                                  f"whitespace); the CPM loss would be zero. Set model.cpm.answer_prefix to "
+                                  f"the text before the decision word in your answers, or model.cpm.enabled=false")
+            else:
+                spelling, n = counts.most_common(1)[0]
+                found = sum(counts.values())
+                chosen = spelling if c.answer_prefix == "auto" else c.answer_prefix
+                log.info("CPM conclusion prefix %r (%s): %d of %d answers read spell it %r; %d have a conclusion "
+                         "in some whitespace variant; spellings: %s", chosen,
+                         "from the data" if c.answer_prefix == "auto" else "from the config", n, len(answers),
+                         spelling, found, dict(counts.most_common(5)))
+                if c.answer_prefix != "auto" and spelling != c.answer_prefix:
+                    log.warning("model.cpm.answer_prefix=%r but the training answers mostly spell it %r: positions "
+                                "are still found, but evaluation will force the configured spelling",
+                                c.answer_prefix, spelling)
+                decision = (chosen, None)
+        except (FileNotFoundError, ValueError) as e:
+            decision = (None, str(e))
+    prefix, error = dist.broadcast_object(decision)
+    if error is not None:
+        raise ValueError(error)
+    return prefix if prefix is not None else c.resolved_prefix
 
 
 def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
@@ -166,6 +213,8 @@ def train(cfg: TrainConfig) -> dict:
     if info.is_main:
         write_run_files(cfg, ds_config, info)
     tokenizer = prepare_tokenizer(cfg, info)
+    # Stored in the model config, so checkpoints and the export carry the prefix trained on.
+    cfg.model.cpm.answer_prefix = resolve_cpm_prefix(cfg, info)
 
     with dist.model_construction(ds_config):
         model = build_model(cfg, tokenizer)
@@ -235,7 +284,10 @@ def train(cfg: TrainConfig) -> dict:
                       dtype=dist.TORCH_DTYPES[cfg.model.dtype], image_tokens=cfg.model.num_image_tokens,
                       log_every=cfg.schedule.log_every, checkpoint_every=cfg.checkpoint.every_steps, save=save,
                       tracker=tracker, metrics_file=os.path.join(cfg.output_dir, "metrics.jsonl") if info.is_main
-                      else None, progress=progress, stop_step=cfg.schedule.stop_at_step)
+                      else None, progress=progress, stop_step=cfg.schedule.stop_at_step,
+                      cpm_watch=CpmWatch(enabled=cfg.model.cpm.enabled and cfg.model.cpm.weight > 0,
+                                         prefix=cfg.model.cpm.resolved_prefix,
+                                         abort_after_steps=cfg.cpm_check.abort_after_steps))
     t_loop = time.monotonic()
     start_step = state.global_step
     exit_code = 1

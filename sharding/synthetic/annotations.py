@@ -159,12 +159,45 @@ def build_attributes(
     return out
 
 
+_SUMMARIES: tuple[str, ...] = (
+    "I will describe the image, examine its lighting, edges, texture, quality and semantics, "
+    "and decide whether it is real or AI-generated.",
+    "I will caption the image, look for traces of generation in it, and conclude whether it is real or fake.",
+    "To answer, I will describe what the image shows, check it for forgery cues step by step, and give a verdict.",
+)
+
+# Whitespace inside and between the tags. The real MMFR answers (LLaVA-CoT style)
+# put one space after each opening tag, before each closing tag and between
+# blocks; a minority of records deviate, and the synthetic data does too, so that
+# every stage is exercised on answers whose tags are not followed by one space.
+CANONICAL_SPACING = (" ", " ")
+IRREGULAR_SPACINGS: tuple[tuple[str, str], ...] = (("", ""), ("\n", "\n"), ("  ", " "), ("", " "), ("\n\n", "\n"))
+IRREGULAR_FRACTION = 0.15
+
+
+def _spacing(rng: np.random.Generator) -> tuple[str, str]:
+    """(inside, between): whitespace after an opening / before a closing tag, and between blocks."""
+    if rng.random() >= IRREGULAR_FRACTION:
+        return CANONICAL_SPACING
+    return IRREGULAR_SPACINGS[int(rng.integers(len(IRREGULAR_SPACINGS)))]
+
+
+def layout_answer(summary: str, caption: str, reasoning: str, conclusion: str,
+                  inside: str = " ", between: str = " ") -> str:
+    """An answer in the MMFR layout: `<SUMMARY> s </SUMMARY> <CAPTION> c </CAPTION>
+    <REASONING> r </REASONING> <CONCLUSION> This image is fake. </CONCLUSION>`."""
+    blocks = [("SUMMARY", summary), ("CAPTION", caption), ("REASONING", reasoning), ("CONCLUSION", conclusion)]
+    return between.join(f"<{tag}>{inside}{text}{inside}</{tag}>" for tag, text in blocks)
+
+
 def _answer(rng: np.random.Generator, ctx: dict[str, str], attributes: dict[str, str | None], label: int) -> str:
+    summary = _SUMMARIES[int(rng.integers(len(_SUMMARIES)))]
     caption = _CAPTIONS[int(rng.integers(len(_CAPTIONS)))].format(**ctx)
     steps = " ".join(f"{name}: {text}" for name, text in attributes.items() if text)
     bridge = _BRIDGES[label][int(rng.integers(len(_BRIDGES[label])))]
     conclusion = FAKE_CONCLUSION if label else REAL_CONCLUSION
-    return f"{caption} <REASONING>{steps}</REASONING> {bridge} <CONCLUSION>{conclusion}</CONCLUSION>"
+    inside, between = _spacing(rng)
+    return layout_answer(summary, caption, f"{steps} {bridge}", conclusion, inside, between)
 
 
 def build_records(

@@ -129,6 +129,7 @@ def test_prefix_regex_and_spellings():
         len("a <conclusion>\n\tThis  image is")
     assert cpm_math.last_prefix_end("This image is fake.", DEFAULT_CPM_PREFIX) == -1
     assert cpm_math.last_prefix_end("<CONCLUSION> Thisimage is", DEFAULT_CPM_PREFIX) == -1
+    assert cpm_math.last_prefix_end("<CONCLUSION> This image is", "<CONCLUSION>This image is") == 26
     answers = [real_style_answer("fake")] * 3 + [real_style_answer("real", "", "")] + ["no conclusion"]
     counts = cpm_math.prefix_spellings(answers, DEFAULT_CPM_PREFIX)
     assert counts == {"<CONCLUSION> This image is": 3, "<CONCLUSION>This image is": 1}

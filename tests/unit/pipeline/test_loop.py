@@ -26,13 +26,16 @@ class Out:
     lm_loss: torch.Tensor
     cpm_loss: torch.Tensor
     cpm_correct: torch.Tensor
+    cpm_found: torch.Tensor | None = None
 
 
 class StandInEngine:
     """Gradient accumulation like DeepSpeed's: a boundary every `accum` micro-steps."""
 
-    def __init__(self, accum: int = 1, nan_on_call: int | None = None):
+    def __init__(self, accum: int = 1, nan_on_call: int | None = None, found_from_call: int | None = 1):
         self.w = torch.nn.Parameter(torch.tensor(1.0))
+        # From this call on the CPM finds its position in the first sample (None: never).
+        self.found_from_call = found_from_call
         self.accum, self.micro_steps, self.calls = accum, 0, 0
         self.nan_on_call = nan_on_call
         self.backward_calls = 0
@@ -43,8 +46,10 @@ class StandInEngine:
         loss = self.w * 2.0
         if self.calls == self.nan_on_call:
             loss = loss * float("nan")
+        n = input_ids.shape[0]
+        found = self.found_from_call is not None and self.calls >= self.found_from_call
         return Out(loss, loss.detach() * 0.75, loss.detach() * 0.25,
-                   torch.tensor([True, False][: input_ids.shape[0]]))
+                   torch.tensor([True, False][:n]), torch.tensor([found, False][:n]))
 
     def is_gradient_accumulation_boundary(self):
         return (self.micro_steps + 1) % self.accum == 0
@@ -58,6 +63,9 @@ class StandInEngine:
 
     def get_global_grad_norm(self):
         return 1.5
+
+    def train(self):
+        pass
 
 
 def batch(keys=("k0", "k1")):
@@ -108,6 +116,7 @@ def test_step_metrics_average_over_micro_batches():
     assert m["train/loss"] == pytest.approx(2.0)
     assert m["train/lm_loss"] == pytest.approx(1.5) and m["train/cpm_loss"] == pytest.approx(0.5)
     assert m["train/cpm_acc"] == pytest.approx(0.5)
+    assert m["train/cpm_found_frac"] == pytest.approx(0.5)
     assert m["train/grad_norm"] == 1.5 and m["train/lr"] == 0.5
     assert m["train/epoch"] == pytest.approx(0.5)
     assert m["perf/samples_per_s"] > 0 and m["perf/tokens_per_s"] > m["perf/samples_per_s"]
@@ -161,3 +170,43 @@ def test_resume_at_the_last_step_trains_nothing_and_saves_in_the_new_folder(tmp_
     run_loop(engine, TrainState(global_step=3), ctx)
     assert opened == [(0, 0)] and engine.calls == 1 and logged == [4]
     assert saved == []  # the last step's checkpoint is the final save's
+
+
+def _cpm_loop(engine, steps: int, abort_after: int):
+    import types
+
+    from pipeline.training.loop import CpmWatch, LoopContext
+
+    tracker = types.SimpleNamespace(log=lambda metrics, step: None)
+    return LoopContext(make_loader=lambda e, b: [batch((f"e{e}b{i}", f"e{e}b{i}x")) for i in range(b, 100)],
+                       batches_per_epoch=100, total_steps=steps, rank=0, world_size=1, seed=1, nonfinite="stop",
+                       dtype=torch.float32, image_tokens=16, log_every=1, checkpoint_every=0, save=lambda s: None,
+                       tracker=tracker, metrics_file=None,
+                       cpm_watch=CpmWatch(enabled=True, prefix="<CONCLUSION> This image is",
+                                          abort_after_steps=abort_after))
+
+
+def test_a_step_without_cpm_position_warns_with_its_keys(caplog):
+    from pipeline.training.loop import run_loop
+
+    engine = StandInEngine(found_from_call=3)
+    with caplog.at_level("WARNING", logger="pipeline.training.loop"):
+        run_loop(engine, TrainState(), _cpm_loop(engine, steps=4, abort_after=3))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2  # steps 1 and 2; found from step 3 on, so no stop
+    assert "step 1: no sample of the batch has a CPM position" in warnings[0]
+    assert "'<CONCLUSION> This image is' followed by real/fake" in warnings[0]
+    assert "e0b0" in warnings[0] and "e0b1" in warnings[1]
+
+
+def test_the_run_stops_when_its_first_steps_never_find_the_cpm():
+    from pipeline.training.loop import CpmNotFoundError, run_loop
+
+    engine = StandInEngine(found_from_call=None)
+    state = TrainState()
+    with pytest.raises(CpmNotFoundError, match=r"first 3 optimizer steps .*'<CONCLUSION> This image is'"):
+        run_loop(engine, state, _cpm_loop(engine, steps=10, abort_after=3))
+    assert state.global_step == 3
+    # 0 disables the stop (the warnings remain).
+    engine = StandInEngine(found_from_call=None)
+    assert run_loop(engine, TrainState(), _cpm_loop(engine, steps=5, abort_after=0)).global_step == 5

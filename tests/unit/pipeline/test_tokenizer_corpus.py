@@ -39,7 +39,7 @@ def test_truncated_shard_contributes_what_precedes_the_cut(tmp_path, caplog):
     assert texts == ["\nquestion 0", "answer 0", "\nquestion 1", "answer 1"] + [
         t for i in range(5, 8) for t in (f"\nquestion {i}", f"answer {i}")]
     [warning] = [r.getMessage() for r in caplog.records]
-    assert warning.startswith(f"tokenizer corpus: skipped the rest of {tmp_path / 'shard-000000.tar'}: ReadError")
+    assert warning.startswith(f"reading the training shards: skipped the rest of {tmp_path / 'shard-000000.tar'}: ReadError")
     assert "unexpected end of data" in warning
 
 

@@ -1,6 +1,7 @@
 """Tests of the synthetic MMFR generator (sharding/synthetic)."""
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import subprocess
@@ -120,6 +121,7 @@ def test_cot_records_cover_every_training_image_with_right_conclusions(dataset):
     assert isinstance(records, list) and len(records) == summary.records
     train_images = {p for p in image_files(root) if not p.startswith("evaluation_sets/")}
     per_image: dict[str, int] = {}
+    spellings: collections.Counter[str] = collections.Counter()
     ids = set()
     questions = set()
     for rec in records:
@@ -131,13 +133,22 @@ def test_cot_records_cover_every_training_image_with_right_conclusions(dataset):
         assert gpt["from"] == "gpt"
         questions.add(human["value"].split("\n", 1)[1])
         answer = gpt["value"]
-        assert answer.index("<REASONING>") < answer.index("</REASONING>") < answer.index("<CONCLUSION>")
+        # The real MMFR layout: SUMMARY, CAPTION, REASONING, CONCLUSION, in order.
+        tags = ["<SUMMARY>", "</SUMMARY>", "<CAPTION>", "</CAPTION>", "<REASONING>", "</REASONING>",
+                "<CONCLUSION>", "</CONCLUSION>"]
+        assert [answer.index(t) for t in tags] == sorted(answer.index(t) for t in tags)
+        assert answer.startswith("<SUMMARY>") and answer.endswith("</CONCLUSION>")
+        spellings[answer[answer.index("<CONCLUSION>"):].split("This image is")[0]] += 1
         expected = 1 if rec["image"].startswith("diffusiondb/") else 0
         assert conclusion_label(answer) == expected
         names = FORGERY_ATTRIBUTES if expected else AUTHENTICITY_ATTRIBUTES
         assert any(f"{n}:" in answer for n in names)
         per_image[rec["image"]] = per_image.get(rec["image"], 0) + 1
     assert set(per_image) == train_images
+    # Most records put one space after the tag, as the real data does; a minority
+    # use other whitespace, so that every stage meets both.
+    canonical = spellings["<CONCLUSION> "] / sum(spellings.values())
+    assert 0.7 < canonical < 0.97 and len(spellings) >= 3, spellings
     several = sum(n > 1 for n in per_image.values())
     assert 0 < several < len(train_images) and several == summary.images_with_several_records
     assert EVAL_QUESTION in questions and len(questions) > 1
