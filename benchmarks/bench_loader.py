@@ -159,7 +159,6 @@ def reference_loader(json_path, image_root, processor, tokenizer, samples, batch
 def measure(args) -> dict:
     """Run one loader in this (fresh) process and return its numbers."""
     import torch
-    from transformers import AutoTokenizer
 
     import psutil
     # Every measurement imports the same modules first, so the memory baseline
@@ -169,10 +168,11 @@ def measure(args) -> dict:
 
     from modeling.config import ModelConfig
     from modeling.image_processing import ImageProcessor
+    from modeling.tokenizer_loading import load_tokenizer
     from pipeline.data import DataConfig, make_train_loader
 
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.work_dir, "tokenizer"))
+    tokenizer = load_tokenizer(os.path.join(args.work_dir, "tokenizer"))
     baseline = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     with PeakMemory() as mem:

@@ -47,8 +47,9 @@ def read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from .bin/.pt/.pth with weights_only=True."""
+def read_tensor_file(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from .bin/.pt/.pth with weights_only=True
+    (mmap: memory-map a zip-format .bin instead of reading it, for picking a few tensors)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -56,7 +57,7 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
             raise CheckpointError(
                 f"{path}: cannot be read with weights_only=True (it holds pickled objects other than "
@@ -259,16 +260,12 @@ def reset_lora(model: nn.Module) -> None:
 
 
 def load_tokenizer(directory: str | Path):
-    """AutoTokenizer from a checkpoint directory.
-
-    The directory's config.json describes our model (or the reference's
-    llava_llama), which transformers does not know; an empty config stops it
-    from parsing that file (and warning) when the tokenizer files say their class.
-    """
-    from transformers import AutoTokenizer, PretrainedConfig
+    """The tokenizer of a checkpoint directory (modeling.tokenizer_loading: SentencePiece-exact
+    when it holds tokenizer.model), with errors as CheckpointError."""
+    from modeling.tokenizer_loading import load_tokenizer as load_tokenizer_folder
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory), config=PretrainedConfig())
+        return load_tokenizer_folder(directory)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{directory}: cannot load its tokenizer ({exc})") from exc
 

@@ -125,7 +125,7 @@ def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
     """The configured tokenizer, or (rank 0 builds, the others wait) a BPE built
     from the shards under <output_dir>/tokenizer; an existing one is reused, so a
     resumed run tokenises exactly as before."""
-    from transformers import AutoTokenizer
+    from modeling.tokenizer_loading import load_tokenizer
 
     path = cfg.tokenizer.path
     if path is None:
@@ -141,7 +141,7 @@ def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
             os.replace(path + ".tmp", path)
             log.info("built a %d-token BPE tokenizer in %s", cfg.tokenizer.vocab_size, path)
         dist.barrier()
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
 
 
 # --------------------------------------------------------------------------- model

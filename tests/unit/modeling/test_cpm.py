@@ -42,10 +42,27 @@ def corpus() -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="module", params=["byte_bpe", "llama_sp", "llama_sp_legacy"])
+def sentencepiece_folder(folder):
+    """A LLaMA-shaped SentencePiece BPE model (byte fallback, no normalisation, the
+    tags not special) trained by sentencepiece itself, as LLaVA/Vicuna folders ship it."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_prefix=str(folder / "tokenizer"), vocab_size=700,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["byte_bpe", "sentencepiece", "llama_sp", "llama_sp_legacy"])
 def tokenizer(request, tmp_path_factory):
     if request.param == "byte_bpe":
         return build_bpe_tokenizer(corpus(), tmp_path_factory.mktemp("bpe"), vocab_size=700)
+    if request.param == "sentencepiece":
+        from modeling.tokenizer_loading import load_tokenizer
+
+        return load_tokenizer(sentencepiece_folder(tmp_path_factory.mktemp("spm")))
     return build_llama_style_tokenizer(corpus(), 700, legacy=request.param.endswith("legacy"))
 
 
@@ -135,14 +152,18 @@ def test_prefix_regex_and_spellings():
     assert counts == {"<CONCLUSION> This image is": 3, "<CONCLUSION>This image is": 1}
 
 
-def test_a_sentencepiece_style_tokenizer_spells_the_reference_ids_shape():
-    # The reference's ids of "<CONCLUSION> This image is" end in 910 1967 338 =
-    # "▁This ▁image ▁is": the word after the tag carries the space marker.
-    tok = build_llama_style_tokenizer(corpus(), 700)
+def test_a_sentencepiece_tokenizer_spells_the_reference_ids_shape(tmp_path):
+    # The reference's ids of "<CONCLUSION> This image is" are 6007 6154 3308 2725
+    # 29958 910 1967 338: the tag in pieces, then "▁This ▁image ▁is" (the word
+    # after the tag carries the space marker), and the decision word follows.
+    from modeling.tokenizer_loading import load_tokenizer
+
+    tok = load_tokenizer(sentencepiece_folder(tmp_path))
     prefix_ids, real_id, fake_id = cpm_context(tok)
     pieces = tok.convert_ids_to_tokens(prefix_ids)
     assert pieces[-3:] == ["▁This", "▁image", "▁is"]
-    assert tok.convert_ids_to_tokens([real_id, fake_id])[0].startswith("▁real")
+    assert "".join(pieces[:-3]).replace("▁", "") == "<CONCLUSION>"
+    assert [tok.convert_ids_to_tokens([i])[0][:5] for i in (real_id, fake_id)] == ["▁real", "▁fake"]
 
 
 def test_model_forward_finds_the_cpm_on_real_style_batches(tmp_path):
