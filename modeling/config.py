@@ -102,8 +102,12 @@ class LLMConfig:
     """The causal language model (LLaMA family first)."""
 
     path: str | None = None
-    """Local transformers model directory loaded with AutoModelForCausalLM; None
-    builds a LlamaForCausalLM from the fields below with random weights."""
+    """Local model directory: a transformers LM (AutoModelForCausalLM), or an
+    unmodified LLaVA `llava_llama` folder (llava-v1.5-13b, MoF_Models; told by
+    config.json's model_type), whose LLaMA weights load into the LLM and whose
+    model.mm_projector.* / model.dino_mm_projector.* initialise clip_projector /
+    dino_projector (modeling.base_checkpoint). The fields below must describe
+    it. None builds a LlamaForCausalLM from them with random weights."""
     vocab_size: int | None = None
     """Embedding rows for random init; None takes len(tokenizer)."""
     hidden_size: int = 5120

@@ -1,10 +1,15 @@
 """Vision towers: CLIP layer selection, DINOv2 last-block attention (transformers and
-timm), the official DINOv2 checkpoint layout through timm's filter, local HF dirs."""
+timm), the official DINOv2 checkpoint layout in both backends, local HF dirs, and the
+DINOv2 position table resampled exactly as the official code interpolates it."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling.config import ConfigError, ModelConfig
-from modeling.vision import ClipTower, DinoTower, build_timm_dino
+from modeling.vision import (ClipTower, DinoTower, build_timm_dino, resample_dinov2_pos_embed,
+                             timm_dino_kwargs)
 
 torch.set_num_threads(1)
 
@@ -86,7 +91,6 @@ def _official_layout_checkpoint(path, dim=64, depth=2, grid=5, patch=14, mlp=256
 
 
 def test_timm_dino_loads_official_layout_and_matches_manual_attention(tmp_path):
-    from timm.layers import resample_abs_pos_embed
     ckpt = tmp_path / "dinov2_vitl14_pretrain.pth"
     sd = _official_layout_checkpoint(ckpt, grid=5)  # trained grid 5x5; the model runs 4x4
     cfg = _cfg(dino_backend="timm")
@@ -98,8 +102,7 @@ def test_timm_dino_loads_official_layout_and_matches_manual_attention(tmp_path):
             assert k not in state
         elif k == "pos_embed":
             assert state[k].shape == (1, 1 + 16, 64)
-            torch.testing.assert_close(state[k], resample_abs_pos_embed(v, (4, 4), (5, 5),
-                                                                        num_prefix_tokens=1))
+            torch.testing.assert_close(state[k], official_interpolate(v, 4, 4), atol=1e-6, rtol=0)
         else:
             torch.testing.assert_close(state[k], v, msg=k)
 
@@ -166,3 +169,174 @@ def test_bf16_towers():
     tokens, attn = DinoTower(cfg).eval()(_pixels().bfloat16())
     assert tokens.dtype == torch.bfloat16 and attn.dtype == torch.float32
     assert ClipTower(cfg).eval()(_pixels().bfloat16()).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------- DINOv2 position table
+def official_interpolate(pos_embed, w0, h0):
+    """facebookresearch/dinov2 `interpolate_pos_encoding` (interpolate_offset=0.1,
+    interpolate_antialias=False), written out: the class row is kept, the M x M patch
+    rows are resized in float32 by bicubic with scale factor ((w0 + 0.1) / M, (h0 + 0.1) / M)."""
+    previous_dtype = pos_embed.dtype
+    n = pos_embed.shape[1] - 1
+    m = int(math.sqrt(n))
+    if n == w0 * h0 and w0 == h0:
+        return pos_embed
+    pos = pos_embed.float()
+    class_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    dim = pos.shape[-1]
+    patch_pos = F.interpolate(patch_pos.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+                              scale_factor=((w0 + 0.1) / m, (h0 + 0.1) / m), mode="bicubic",
+                              antialias=False)
+    assert (w0, h0) == tuple(patch_pos.shape[-2:])
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((class_pos, patch_pos), dim=1).to(previous_dtype)
+
+
+def official_forward(sd, x, num_heads, eps=1e-6):
+    """The official DINOv2 forward from its own state dict, the table interpolated on the
+    fly: patch conv, class token, + position table, pre-norm blocks with LayerScale.
+    Returns the last block's output (before the final norm) and its softmax attention."""
+    dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    t = torch.cat((sd["cls_token"].expand(x.shape[0], -1, -1), t.flatten(2).transpose(1, 2)), 1)
+    t = t + official_interpolate(sd["pos_embed"], x.shape[-2] // patch, x.shape[-1] // patch)
+    hd = dim // num_heads
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
+        def w(name):
+            return sd[f"blocks.{i}.{name}"]
+        h = F.layer_norm(t, (dim,), w("norm1.weight"), w("norm1.bias"), eps)
+        qkv = F.linear(h, w("attn.qkv.weight"), w("attn.qkv.bias"))
+        q, k, v = qkv.unflatten(-1, (3, num_heads, hd)).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-1, -2) * hd ** -0.5).softmax(-1)
+        o = (attn @ v).transpose(1, 2).flatten(2)
+        t = t + w("ls1.gamma") * F.linear(o, w("attn.proj.weight"), w("attn.proj.bias"))
+        h = F.layer_norm(t, (dim,), w("norm2.weight"), w("norm2.bias"), eps)
+        h = F.gelu(F.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias")))
+        t = t + w("ls2.gamma") * F.linear(h, w("mlp.fc2.weight"), w("mlp.fc2.bias"))
+    return t, attn
+
+
+def _table(tower):
+    m = tower.model
+    return m.pos_embed if tower.backend == "timm" else m.embeddings.position_embeddings
+
+
+def _native70(**kw):
+    """Tiny towers whose native grid (70 px, 5x5) differs from the input grid (56 px, 4x4)."""
+    cfg = _cfg(**kw)
+    cfg.dino.native_image_size = 70
+    return cfg
+
+
+def test_resample_is_the_official_formula_at_the_paper_grid():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1, 1 + 37 * 37, 32, generator=g) * 0.02  # 518 px -> 336 px
+    out = resample_dinov2_pos_embed(table, 24)
+    assert out.shape == (1, 1 + 24 * 24, 32)
+    torch.testing.assert_close(out, official_interpolate(table, 24, 24), atol=0, rtol=0)
+    torch.testing.assert_close(out[:, :1], table[:, :1], atol=0, rtol=0)
+    bf16 = table.bfloat16()
+    assert resample_dinov2_pos_embed(bf16, 24).dtype == torch.bfloat16
+    torch.testing.assert_close(resample_dinov2_pos_embed(bf16, 24), official_interpolate(bf16, 24, 24),
+                               atol=0, rtol=0)
+    assert resample_dinov2_pos_embed(table, 37) is table  # already at the grid, as upstream
+    # The libraries' own resamples are measurably different (what the formula replaces).
+    patch = table[:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2)
+    for kw in (dict(size=(24, 24)), dict(size=(24, 24), antialias=True)):
+        lib = F.interpolate(patch, mode="bicubic", **kw).permute(0, 2, 3, 1).reshape(1, -1, 32)
+        assert (lib - out[:, 1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["transformers", "timm"])
+def test_official_checkpoint_matches_the_official_forward(tmp_path, backend):
+    ckpt = tmp_path / "dinov2_vitl14_pretrain.pth"
+    sd = _official_layout_checkpoint(ckpt, grid=5)
+    cfg = _native70(dino_backend=backend)
+    cfg.dino.path = str(ckpt)
+    tower = DinoTower(cfg).eval()
+    torch.testing.assert_close(_table(tower), official_interpolate(sd["pos_embed"], 4, 4),
+                               atol=1e-6, rtol=0)
+    x = _pixels()
+    with torch.no_grad():
+        tokens, attn = tower(x)
+        ref_out, ref_attn = official_forward(sd, x, cfg.dino.num_heads)
+    torch.testing.assert_close(tokens, ref_out[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
+    cfg.dtype = "bfloat16"  # interpolated from the table's bf16 value, as a cast official model
+    assert torch.equal(_table(DinoTower(cfg)), official_interpolate(sd["pos_embed"].bfloat16(), 4, 4))
+
+
+def test_random_init_towers_are_the_native_random_model_with_the_official_table():
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import Dinov2Config, Dinov2Model
+
+    for backend in ("transformers", "timm"):
+        cfg = _native70(dino_backend=backend)
+        torch.manual_seed(0)
+        tower = DinoTower(cfg)
+        torch.manual_seed(0)
+        if backend == "timm":
+            native = VisionTransformer(**timm_dino_kwargs(cfg, 70))
+        else:
+            hf = tower.model.config
+            native = Dinov2Model(Dinov2Config(
+                hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
+                num_attention_heads=hf.num_attention_heads, mlp_ratio=hf.mlp_ratio, image_size=70,
+                patch_size=hf.patch_size, layer_norm_eps=hf.layer_norm_eps,
+                layerscale_value=hf.layerscale_value, qkv_bias=True, hidden_act="gelu"))
+        want, got = native.state_dict(), tower.model.state_dict()
+        assert want.keys() == got.keys()
+        for k, v in want.items():
+            if v.shape[1:2] == (26,):  # the 1 + 5x5 table
+                assert got[k].shape == (1, 17, 64)
+                v = official_interpolate(v, 4, 4)
+            torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0, msg=f"{backend} {k}")
+
+
+def test_transformers_directory_at_its_native_grid_is_resampled(tmp_path):
+    """A Dinov2Model directory at 70 px saved with the legacy key names that
+    facebook/dinov2-* on the hub still use (attention.attention.query, ...)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    native = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      mlp_ratio=4, image_size=70, patch_size=14,
+                                      layer_norm_eps=1e-6, layerscale_value=0.5))
+    native.save_pretrained(tmp_path / "dino")
+    legacy = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
+              "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense"}
+    weights = load_file(tmp_path / "dino" / "model.safetensors")
+    renamed = {}
+    for k, v in weights.items():
+        for new, old in legacy.items():
+            k = k.replace(new, old)
+        renamed[k] = v
+    assert any("attention.attention.query" in k for k in renamed)
+    save_file(renamed, tmp_path / "dino" / "model.safetensors", metadata={"format": "pt"})
+    cfg = _native70()
+    cfg.dino.path = str(tmp_path / "dino")
+    tower = DinoTower(cfg)
+    torch.testing.assert_close(_table(tower), official_interpolate(native.embeddings.position_embeddings, 4, 4),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(tower.model.encoder.layer[1].attention.q_proj.weight,
+                               native.encoder.layer[1].attention.q_proj.weight, atol=0, rtol=0)
+    assert tower.model.config.image_size == 56
+
+
+@pytest.mark.parametrize("backend", ["transformers", "timm"])
+def test_official_checkpoint_errors_name_the_field(tmp_path, backend):
+    ckpt = tmp_path / "dinov2_vitl14_pretrain.pth"
+    sd = _official_layout_checkpoint(ckpt, dim=32, mlp=128)
+    cfg = _cfg(dino_backend=backend)
+    cfg.dino.path = str(ckpt)
+    with pytest.raises(ConfigError, match=r"dino.hidden_size=64 .*has 32"):
+        DinoTower(cfg)
+    sd = _official_layout_checkpoint(ckpt)
+    sd["register_tokens"] = torch.zeros(1, 4, 64)
+    torch.save(sd, ckpt)
+    with pytest.raises(ConfigError, match="register tokens"):
+        DinoTower(cfg)
+    cfg.dino.path = str(tmp_path / "absent.pth")
+    with pytest.raises(ConfigError, match="absent.pth"):
+        DinoTower(cfg)
