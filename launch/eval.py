@@ -4,6 +4,16 @@
     deepspeed --num_gpus 8 launch/eval.py --checkpoint DIR --shards OUT_DIR/eval \\
         --benchmark genimage=BENCH/genimage --benchmark chameleon=BENCH/chameleon --out RESULTS_DIR
     python launch/eval.py --checkpoint DIR --shards OUT_DIR/eval --out RESULTS_DIR      (one process)
+    deepspeed --num_gpus 8 launch/eval.py --protocol reference --checkpoint DIR --shards OUT_DIR/eval --out R
+
+Protocols: "ours" (default) prompts with Vicuna v1 as in training, decodes
+greedily and parses with word boundaries and a negation check. "reference"
+does what the reference's forgery_eval/eval.py does: llava_v1 prompt, sampling
+at temperature 0.2 (no top-p, 1 beam, 512 new tokens, seeded per batch), the
+substring parser that drops answers without <REASONING>, only images listed in
+<gen>_reasoning.json, CSS of an empty hypothesis from CLIP's embedding of "".
+The reference script scores 10 real + 10 fake per generator by default
+(--max-per-class 10); its paper numbers use every image (the default here).
 
 Each image is scored by exactly one rank; rank 0 writes RESULTS_DIR/results.json,
 results.md, predictions.jsonl and plots, and logs to W&B. Benchmarks are sharded
@@ -36,16 +46,28 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="append", type=_benchmark, default=[], metavar="NAME=SHARDS",
                    help="a benchmark's shard folder (from launch/shard_benchmark.sh); repeatable")
     p.add_argument("--out", required=True, help="results folder")
-    g = p.add_argument_group("generation")
+    g = p.add_argument_group("protocol and selection")
+    g.add_argument("--protocol", choices=("ours", "reference"), default="ours",
+                   help="evaluation protocol (default ours; see above)")
+    g.add_argument("--max-per-class", type=int,
+                   help="per generator, the first N real and N fake images in <gen>_reasoning.json order "
+                        "(balanced subset; the reference script's default is 10; default: every image)")
+    g.add_argument("--limit", type=int,
+                   help="score only the first N (selected) images of each set in shard order (smoke test; "
+                        "not balanced: use --max-per-class for that)")
+    g = p.add_argument_group("generation (defaults: the protocol's)")
     g.add_argument("--batch-size", type=int, default=8, help="images per batch on each rank (default 8)")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (rank added)")
+    g.add_argument("--max-new-tokens", type=int, help="answer length limit (default 512)")
+    g.add_argument("--temperature", type=float,
+                   help="0 = greedy, > 0 samples (default: ours 0, reference 0.2)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: none)")
+    g.add_argument("--conversation", choices=("vicuna_v1", "llava_v1"),
+                   help="prompt conversation (default: ours vicuna_v1, reference llava_v1)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; each batch is seeded from it and its first image (default 0)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="override the checkpoint's dtype (e.g. bfloat16 on GPU)")
     g.add_argument("--num-workers", type=int, default=2, help="image decoding processes per rank (default 2)")
-    g.add_argument("--limit", type=int, help="score only the first N images of each set (smoke test)")
     g.add_argument("--reference-base-model",
                    help="for a reference LoRA training output: the model folder it was trained from")
     g = p.add_argument_group("metrics and outputs")
@@ -76,9 +98,11 @@ def main(argv=None) -> int:
         return 2
     cfg = EvalConfig(
         checkpoint=args.checkpoint, out=args.out, shards=args.shards, set_name=args.set_name,
-        benchmarks=dict(args.benchmark), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, css_model=args.css_model,
-        css_batch_size=args.css_batch_size, num_workers=args.num_workers, limit=args.limit, dtype=args.dtype,
+        benchmarks=dict(args.benchmark), protocol=args.protocol, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        conversation=args.conversation, seed=args.seed, css_model=args.css_model,
+        css_batch_size=args.css_batch_size, num_workers=args.num_workers, limit=args.limit,
+        max_per_class=args.max_per_class, dtype=args.dtype,
         reference_base_model=args.reference_base_model, plots=not args.no_plots,
         wandb=WandbConfig(project=args.wandb_project, mode=args.wandb_mode, name=args.wandb_name,
                           dir=args.wandb_dir, tags=["eval"]),

@@ -17,17 +17,25 @@ Two formats:
 The adapter is kept as LoRA (the model is built with the adapter's r/alpha/
 targets), so training can continue from it; export_merged merges it.
 
-The vision towers are not taken from these files (the reference loads them
-from their own paths): set clip.path / dino.path in the base ModelConfig.
-Copies of the CLIP tower under `model.vision_tower.` are skipped; pass other
-prefixes in `ignore_prefixes` if a checkpoint stores more tower copies.
+The vision towers come from clip.path / dino.path of the base ModelConfig (the
+reference loads them from their own paths). Frozen tower copies in the files
+(`model.vision_tower.*`, CLIP, and `model.dino_tower.*`, DINOv2) are ignored by
+default, their count logged; `load_towers=True` loads them instead, when after
+the reference's wrapper prefix (e.g. `model.vision_tower.vision_tower.`) their
+names and shapes are exactly those of our tower (clip_tower.model /
+dino_tower.model with the configured backend), and is an error otherwise.
+Other prefixes to skip (counted in the log too) go in `ignore_prefixes`.
 """
 from __future__ import annotations
 
 import copy
+import logging
+import re
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
+from modeling.base_checkpoint import PROJECTOR_PREFIXES, TOWER_PREFIXES, check_llava_fields
 from modeling.checkpoint_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -45,10 +53,15 @@ from modeling.checkpoint_io import (
 from modeling.config import ModelConfig
 from modeling.fusion import REFERENCE_NAMES
 
+log = logging.getLogger(__name__)
+
 REFERENCE_MODEL_TYPE = "llava_llama"
 NON_LORA_FILE = "non_lora_trainables.bin"
-TOWER_PREFIXES = ("model.vision_tower.",)
-_PROJECTORS = (("model.mm_projector.", "clip_projector."), ("model.dino_mm_projector.", "dino_projector."))
+_PROJECTORS = tuple((ref, ours + ".") for ours, ref in PROJECTOR_PREFIXES.items())
+# Reference tower copies -> our tower module (its `.model` is the transformers/timm ViT).
+_TOWER_MODULES = {"model.vision_tower.": "clip_tower", "model.dino_tower.": "dino_tower"}
+# Buffers that older transformers saved and the current towers recompute.
+_RECOMPUTED = re.compile(r"(^|\.)position_ids$")
 _FUSION = "model.crossattention."
 # The reference LayerNorm names its affine parameters a_2 (scale) and b_2 (shift).
 _NORM_PARAMS = {"a_2": "weight", "b_2": "bias"}
@@ -102,12 +115,7 @@ def reference_config(ref: dict, base: ModelConfig, source: str) -> ModelConfig:
     llm.max_position_embeddings = ref.get("max_position_embeddings", llm.max_position_embeddings)
     llm.rope_theta = ref.get("rope_theta", 10000.0)
     if ref.get("model_type") == REFERENCE_MODEL_TYPE:
-        ptype = ref.get("mm_projector_type", "linear")
-        if ptype != "mlp2x_gelu":
-            raise CheckpointError(f"{source}: mm_projector_type={ptype!r}; only 'mlp2x_gelu' is supported")
-        feature = ref.get("mm_vision_select_feature", "patch")
-        if feature != "patch":
-            raise CheckpointError(f"{source}: mm_vision_select_feature={feature!r}; only 'patch' is supported")
+        check_llava_fields(ref, cfg, source)
         cfg.clip.select_layer = ref.get("mm_vision_select_layer", cfg.clip.select_layer)
         hidden = ref.get("mm_hidden_size", cfg.clip.hidden_size)
         if hidden != cfg.clip.hidden_size:
@@ -116,14 +124,10 @@ def reference_config(ref: dict, base: ModelConfig, source: str) -> ModelConfig:
     return cfg.validate()
 
 
-def _map_state(state: dict, source: str, ignore_prefixes: tuple[str, ...], strip: str = "") -> dict:
+def _map_state(state: dict, source: str) -> dict:
     """Reference tensors -> clean keys; unmappable keys are an error listing them."""
     out, unknown = {}, []
     for key, tensor in state.items():
-        if strip and key.startswith(strip):
-            key = key[len(strip):]
-        if key.startswith(ignore_prefixes):
-            continue
         clean = to_clean_key(key)
         if "?" in clean:
             unknown.append(key)
@@ -133,10 +137,77 @@ def _map_state(state: dict, source: str, ignore_prefixes: tuple[str, ...], strip
     return out
 
 
+def _tower_wrapper(names, own) -> tuple[str, set, set]:
+    """The leading name segments (the reference's wrapper, maybe "") whose removal
+    gives exactly `own`'s names; else the closest try's missing and unknown names."""
+    best = None
+    wrapper, rest = "", set(names)
+    while True:
+        missing, unknown = own - rest, rest - own
+        if not missing and not unknown:
+            return wrapper, set(), set()
+        if best is None or len(missing) + len(unknown) < len(best[1]) + len(best[2]):
+            best = (wrapper, missing, unknown)
+        heads = {n.split(".", 1)[0] for n in rest}
+        if len(heads) != 1 or any("." not in n for n in rest):
+            return best
+        head = heads.pop() + "."
+        wrapper, rest = wrapper + head, {n[len(head):] for n in rest}
+
+
+def _tower_state(model, towers: dict, source: str) -> dict:
+    """Reference tower copies -> clean keys of our towers; an error unless they match exactly."""
+    out = {}
+    for prefix, ours in _TOWER_MODULES.items():
+        rest = {k[len(prefix):]: v for k, v in towers.items() if k.startswith(prefix)}
+        if not rest:
+            continue
+        own = getattr(model, ours).model.state_dict()
+        wrapper, missing, unknown = _tower_wrapper(rest.keys(), set(own))
+        recomputed = {n for n in unknown if _RECOMPUTED.search(n)}
+        if missing or unknown - recomputed:
+            parts = [f"lacks {key_list(missing)}"] if missing else []
+            parts += [f"has unknown {key_list(unknown - recomputed)}"] if unknown - recomputed else []
+            raise CheckpointError(f"{source}: load_towers=True but {prefix}{wrapper}* does not match {ours}.model "
+                                  f"(model.dino_backend={model.config.dino_backend}): " + "; ".join(parts))
+        for name, v in rest.items():
+            name = name[len(wrapper):]
+            if name in recomputed:
+                continue
+            if v.shape != own[name].shape:
+                raise CheckpointError(f"{source}: {prefix}{wrapper}{name} has shape {tuple(v.shape)} but "
+                                      f"{ours}.model.{name} has {tuple(own[name].shape)}")
+            out[f"{ours}.model.{name}"] = v
+        log.info("%s: %s loaded from %s%s* (%d tensors)", source, ours, prefix, wrapper, len(own))
+    return out
+
+
+def _reference_state(model, state: dict, source: str, load_towers: bool, ignore_prefixes: tuple[str, ...],
+                     strip: str = "") -> dict:
+    """One reference file's tensors -> clean keys: towers loaded or ignored, `ignore_prefixes`
+    skipped (both counted in the log), everything else mapped (unknown keys are an error)."""
+    if strip:
+        state = {k[len(strip):] if k.startswith(strip) else k: v for k, v in state.items()}
+    skip = tuple(ignore_prefixes) if load_towers else (*TOWER_PREFIXES, *ignore_prefixes)
+    ignored = Counter(next(p for p in skip if k.startswith(p)) for k in state if k.startswith(skip))
+    kept = {k: v for k, v in state.items() if not k.startswith(skip)}
+    towers = {k: v for k, v in kept.items() if k.startswith(TOWER_PREFIXES)}
+    out = _map_state({k: v for k, v in kept.items() if k not in towers}, source)
+    out.update(_tower_state(model, towers, source))
+    if ignored:
+        log.info("%s: ignored %d tensors (%s)%s", source, sum(ignored.values()),
+                 ", ".join(f"{p}*: {ignored[p]}" for p in skip if ignored[p]),
+                 "; the towers come from clip.path / dino.path (load_towers=True loads matching copies)"
+                 if any(p in TOWER_PREFIXES for p in ignored) else "")
+    return out
+
+
 def _load_reference_state(model, state: dict, source: str) -> None:
-    """Copy clean-keyed reference tensors into the model (everything but the towers and LoRA)."""
+    """Copy clean-keyed reference tensors into the model (everything but LoRA; the
+    towers only when `state` holds them)."""
     kmap = model_key_map(model)
-    expected = {k for k in kmap if not k.startswith(_OUR_TOWERS)}
+    loaded_towers = tuple(p for p in _OUR_TOWERS if any(k.startswith(p) for k in state))
+    expected = {k for k in kmap if not k.startswith(_OUR_TOWERS) or (loaded_towers and k.startswith(loaded_towers))}
     missing = expected - state.keys()
     unknown = state.keys() - expected
     if missing or unknown:
@@ -196,7 +267,7 @@ def _init_context(cfg: ModelConfig):
 
 def import_reference(directory: str | Path, base_config: ModelConfig | None = None, *,
                      base_model_dir: str | Path | None = None, tokenizer=None,
-                     ignore_prefixes: tuple[str, ...] = TOWER_PREFIXES):
+                     load_towers: bool = False, ignore_prefixes: tuple[str, ...] = ()):
     """(model, tokenizer) from a reference checkpoint, in eval mode.
 
     directory: format (a), or format (b) (recognised by non_lora_trainables.bin
@@ -207,6 +278,10 @@ def import_reference(directory: str | Path, base_config: ModelConfig | None = No
         (a) gets fresh adapters (outputs unchanged), ready for fine-tuning.
     tokenizer: default the one stored in the directory (then in base_model_dir);
         a missing pad token becomes unk, as in the reference's Vicuna v1 recipe.
+    load_towers: load the files' frozen tower copies (model.vision_tower.*,
+        model.dino_tower.*) into clip_tower / dino_tower when they match them
+        exactly (an error otherwise); by default they are ignored, counted in the log.
+    ignore_prefixes: further reference key prefixes to skip (counted in the log).
     """
     from modeling.model import FakeReasoningModel
 
@@ -223,7 +298,8 @@ def import_reference(directory: str | Path, base_config: ModelConfig | None = No
         tok = tokenizer if tokenizer is not None else _tokenizer_from(d)
         with _init_context(cfg):
             model = FakeReasoningModel(cfg, tok)
-        _load_reference_state(model, _map_state(read_weights(d), str(d), ignore_prefixes), str(d))
+        state = _reference_state(model, read_weights(d), str(d), load_towers, ignore_prefixes)
+        _load_reference_state(model, state, str(d))
         reset_lora(model)
         return model.eval(), tok
 
@@ -240,9 +316,9 @@ def import_reference(directory: str | Path, base_config: ModelConfig | None = No
     tok = tokenizer if tokenizer is not None else _tokenizer_from(d, bdir)
     with _init_context(cfg):
         model = FakeReasoningModel(cfg, tok)
-    state = _map_state(read_weights(bdir), str(bdir), ignore_prefixes)
-    extra = _map_state(read_tensor_file(d / NON_LORA_FILE), str(d / NON_LORA_FILE), ignore_prefixes,
-                       strip="base_model.model.")
+    state = _reference_state(model, read_weights(bdir), str(bdir), load_towers, ignore_prefixes)
+    extra = _reference_state(model, read_tensor_file(d / NON_LORA_FILE), str(d / NON_LORA_FILE), load_towers,
+                             ignore_prefixes, strip="base_model.model.")
     state.update(extra)
     _load_reference_state(model, state, f"{bdir} + {d / NON_LORA_FILE}")
     load_adapter_file(model, adapter_files[0], adapter_cfg)

@@ -1,12 +1,14 @@
-"""The language model: AutoModelForCausalLM from a local directory, or a LLaMA
-built from `LLMConfig` with random weights; LoRA through peft on its linear
-layers only (lm_head excluded)."""
+"""The language model: from a local directory (a transformers LM, or an unmodified
+LLaVA `llava_llama` folder, see modeling.base_checkpoint), or a LLaMA built from
+`LLMConfig` with random weights; LoRA through peft on its linear layers only
+(lm_head excluded)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from modeling.config import ConfigError, LoRAConfig, ModelConfig
+from modeling.base_checkpoint import check_llm_tensors, inspect_base
+from modeling.config import ConfigError, LLMConfig, LoRAConfig, ModelConfig
 from modeling.vision import torch_dtype
 
 
@@ -19,21 +21,29 @@ def build_llm(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None
     at least that many (a clear error otherwise, instead of index errors later).
     Under an active HfDeepSpeedConfig with ZeRO-3, transformers partitions the
     model at construction (from_pretrained and _from_config both do).
+    A loaded one: every tensor of llm.path is accounted for (see
+    modeling.base_checkpoint; its projectors are loaded by the model, not here)
+    and the llm.* shape fields must match it.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     lc = cfg.llm
     dtype = torch_dtype(cfg.dtype)
     if lc.path:
-        model = AutoModelForCausalLM.from_pretrained(
-            lc.path, attn_implementation=lc.attn_implementation, dtype=dtype)
+        base = inspect_base(lc.path)
+        # A llava_llama folder (by its config.json) gets the LlamaConfig inside its
+        # config; transformers does not know the model_type. The weights are still read
+        # by from_pretrained, which partitions them under ZeRO-3 as they load.
+        config = base.llm_config()
+        model, info = AutoModelForCausalLM.from_pretrained(
+            lc.path, attn_implementation=lc.attn_implementation, dtype=dtype, output_loading_info=True,
+            **({"config": config} if config is not None else {}))
+        check_llm_tensors(base, model, info)
         rows = model.get_input_embeddings().num_embeddings
         if vocab_size is not None and vocab_size > rows:
             raise ConfigError(f"llm.path={lc.path} has {rows} embedding rows but the tokenizer "
                               f"has {vocab_size} tokens; use the tokenizer of that model")
-        if model.config.hidden_size != lc.hidden_size:
-            raise ConfigError(f"llm.hidden_size={lc.hidden_size} but the model at {lc.path} has "
-                              f"hidden size {model.config.hidden_size}; set llm.hidden_size to match")
+        _check_shape_fields(lc, model.config)
         return model
     rows = lc.vocab_size or 0
     if vocab_size is not None:
@@ -53,6 +63,26 @@ def build_llm(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None
         tie_word_embeddings=False)
     return LlamaForCausalLM._from_config(config, attn_implementation=lc.attn_implementation,
                                          dtype=dtype)
+
+
+def _check_shape_fields(lc: LLMConfig, loaded) -> None:
+    """The llm.* fields must describe the loaded model: the merged export writes them
+    as the model's config, so a wrong one would only surface when it is read back."""
+    rope = getattr(loaded, "rope_parameters", None) or {}
+    pairs = (("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+             ("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads"),
+             ("max_position_embeddings", "max_position_embeddings"), ("rms_norm_eps", "rms_norm_eps"))
+    wrong = [(ours, getattr(lc, ours), getattr(loaded, theirs)) for ours, theirs in pairs
+             if getattr(loaded, theirs, None) is not None and getattr(lc, ours) != getattr(loaded, theirs)]
+    kv = getattr(loaded, "num_key_value_heads", None)
+    if kv is not None and (lc.num_kv_heads or lc.num_heads) != kv:
+        wrong.append(("num_kv_heads", lc.num_kv_heads, kv))
+    if "rope_theta" in rope and float(lc.rope_theta) != float(rope["rope_theta"]):
+        wrong.append(("rope_theta", lc.rope_theta, rope["rope_theta"]))
+    if wrong:
+        raise ConfigError(f"llm.path={lc.path}: " + "; ".join(
+            f"llm.{name}={ours} but the model has {theirs}" for name, ours, theirs in wrong)
+            + "; set these llm fields to match the model")
 
 
 def apply_lora(llm: nn.Module, lora: LoRAConfig) -> nn.Module:

@@ -14,6 +14,13 @@ so the supervision mask is known by construction, never re-derived from
 lengths of re-tokenised text (the reference does that, with a "-2" fudge, and
 silently drops samples when the lengths disagree).
 
+Generation prompts can also use LLaVA's `llava_v1` conversation
+(`conversation="llava_v1"`): the same layout (roles "USER"/"ASSISTANT",
+separators " " and "</s>") with another system text, "a curious human ... the
+human's questions". The reference trains with Vicuna v1 but its evaluation
+script prompts with `llava_v1`, so the reference evaluation protocol needs it;
+training examples always use Vicuna v1.
+
 Why the segments are tokenised the way they are:
 - The two prompt segments are tokenised as texts of their own, exactly like
   LLaVA's `tokenizer_image_token` (which tokenises the chunks around `<image>`
@@ -45,12 +52,28 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# LLaVA's conv_llava_v1 system text (its evaluation conversation).
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 USER_ROLE = "USER"
 ASSISTANT_ROLE = "ASSISTANT"
 
-# Segment texts. Vicuna v1 joins the system text and the turns with " ".
-_PREFIX_TEXT = f"{VICUNA_SYSTEM} {USER_ROLE}: "
+# Conversation name -> system text. Both use the Vicuna v1 layout (roles, " "
+# between system and turns, "</s>" after an answer), so only the system differs.
+CONVERSATIONS: dict[str, str] = {"vicuna_v1": VICUNA_SYSTEM, "llava_v1": LLAVA_V1_SYSTEM}
+DEFAULT_CONVERSATION = "vicuna_v1"
+
+# The text an answer follows (see encode_answer).
 _ANSWER_ANCHOR = f"{ASSISTANT_ROLE}:"
+
+
+def _prefix_text(conversation: str) -> str:
+    """"{system} USER: " of a conversation name (see CONVERSATIONS)."""
+    if conversation not in CONVERSATIONS:
+        raise ValueError(f"conversation {conversation!r} is not one of {sorted(CONVERSATIONS)}")
+    return f"{CONVERSATIONS[conversation]} {USER_ROLE}: "
 
 
 class PromptTooLongError(ValueError):
@@ -72,9 +95,9 @@ class TrainingExample:
     truncated_tokens: int = 0
 
 
-def render_text(question: str, answer: str | None = None) -> str:
+def render_text(question: str, answer: str | None = None, conversation: str = DEFAULT_CONVERSATION) -> str:
     """The template as text (for logs, docs and tests); None answer = generation prompt."""
-    text = f"{_PREFIX_TEXT}{IMAGE_PLACEHOLDER}\n{clean_question(question)} {_ANSWER_ANCHOR}"
+    text = f"{_prefix_text(conversation)}{IMAGE_PLACEHOLDER}\n{clean_question(question)} {_ANSWER_ANCHOR}"
     if answer is not None:
         text += f" {answer}</s>"
     return text
@@ -134,24 +157,27 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
     return joined[len(anchor):]
 
 
-def _prompt_ids(tokenizer, question: str) -> tuple[list[int], int]:
+def _prompt_ids(tokenizer, question: str, conversation: str = DEFAULT_CONVERSATION) -> tuple[list[int], int]:
+    prefix = _prefix_text(conversation)
     q = clean_question(question)
     if not q:
         raise ValueError("question is empty (after removing the <image> placeholder)")
     _check_text("question", q, tokenizer)
-    head = _leading_ids(tokenizer) + _encode(tokenizer, _PREFIX_TEXT)
+    head = _leading_ids(tokenizer) + _encode(tokenizer, prefix)
     tail = _encode(tokenizer, f"\n{q} {_ANSWER_ANCHOR}")
     return head + [IMAGE_TOKEN_INDEX] + tail, len(head)
 
 
-def build_prompt(tokenizer, question: str, answer_prefix: str = "") -> tuple[list[int], int]:
+def build_prompt(tokenizer, question: str, answer_prefix: str = "",
+                 conversation: str = DEFAULT_CONVERSATION) -> tuple[list[int], int]:
     """Generation prompt ids ending with "ASSISTANT:" and the image position.
 
     `answer_prefix` (e.g. "<CONCLUSION>This image is") forces the start of the
     answer with exactly the ids training used for it; it should end at a word
     boundary, where a tokenizer cannot merge it with the text that follows.
+    `conversation`: a CONVERSATIONS name, "vicuna_v1" (training's) by default.
     """
-    ids, image_position = _prompt_ids(tokenizer, question)
+    ids, image_position = _prompt_ids(tokenizer, question, conversation)
     if answer_prefix:
         _check_text("answer_prefix", answer_prefix, tokenizer)
         ids = ids + encode_answer(tokenizer, answer_prefix)

@@ -167,9 +167,14 @@ def _read_cot(root: str, scan: MMFRScan, strict: bool) -> dict[str, list[tuple[s
     return by_image
 
 
-def _read_reasoning(root: str, json_rel: str, set_name: str, on_disk: set[str],
-                    scan: MMFRScan, strict: bool) -> dict[str, dict[str, str | None]]:
-    """Attributes of one *_reasoning.json, keyed by root-relative image path.
+def _read_reasoning(root: str, json_rel: str, set_name: str, on_disk: set[str], scan: MMFRScan,
+                    strict: bool) -> tuple[dict[str, dict[str, str | None]], dict[str, int]]:
+    """Attributes of one *_reasoning.json, keyed by root-relative image path,
+    and the position of each image's entry in the file (0-based, file order).
+
+    The position is what the reference evaluation selects by (the first N
+    real and N fake entries of each generator's JSON); shards sort images by
+    path, so the order is kept as metadata `reasoning_index`.
 
     Keys are documented as relative to the folder above the source folder
     ("flux/1_fake/x.png"); keys relative to the root or to the source folder
@@ -177,14 +182,17 @@ def _read_reasoning(root: str, json_rel: str, set_name: str, on_disk: set[str],
     """
     data = _load_json(root, json_rel, set_name, scan, strict)
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         scan.reject(set_name, Rejection(json_rel, "malformed_json", "top level is not an object", "file"), strict)
-        return {}
+        return {}, {}
     folder = json_rel.rsplit("/", 1)[0]  # e.g. evaluation_sets/flux
     parent = folder.rsplit("/", 1)[0] if "/" in folder else ""
     out: dict[str, dict[str, str | None]] = {}
-    for key, attrs in data.items():
+    order: dict[str, int] = {}
+    # json.loads keeps the file's key order; a malformed entry keeps its
+    # position too, so indices are positions in the file, not among valid entries.
+    for position, (key, attrs) in enumerate(data.items()):
         k = _norm(key)
         options = [f"{parent}/{k}" if parent else k, k, f"{folder}/{k}"]
         rel = next((o for o in options if o in on_disk), options[0])
@@ -194,7 +202,8 @@ def _read_reasoning(root: str, json_rel: str, set_name: str, on_disk: set[str],
                                             f"value is {type(attrs).__name__}", "annotation"), strict)
             continue
         out[rel] = attrs
-    return out
+        order[rel] = position
+    return out, order
 
 
 def _stat(root: str, rel: str, entries: dict[str, os.DirEntry]) -> tuple[int, str] | None:
@@ -234,10 +243,13 @@ def scan_mmfr(root: str, strict: bool = False) -> MMFRScan:
     for s in ["train"] + [f"eval/{g}" for g in gens]:
         scan.samples[s] = []
     attributes: dict[str, dict[str, str | None]] = {}
+    reasoning_order: dict[str, int] = {}
     for jr in reasoning_files:
         parts = jr.split("/")
         set_name = "train" if parts[0] in schema.TRAIN_SOURCES else f"eval/{parts[1]}"
-        attributes.update(_read_reasoning(root, jr, set_name, images, scan, strict))
+        attrs_of, order_of = _read_reasoning(root, jr, set_name, images, scan, strict)
+        attributes.update(attrs_of)
+        reasoning_order.update(order_of)
     cot = _read_cot(root, scan, strict)
 
     referenced = set(cot) | set(attributes)
@@ -279,7 +291,7 @@ def scan_mmfr(root: str, strict: bool = False) -> MMFRScan:
             "label": label, "generator": generator,
             "conversations": [r[1] for r in records], "record_ids": [r[0] for r in records],
             "attributes": attrs, "reference": schema.reference_text(attrs),
-            "has_reasoning": attrs is not None,
+            "has_reasoning": attrs is not None, "reasoning_index": reasoning_order.get(rel),
         }
         scan.samples[set_name].append(ShardSample(
             key=schema.sample_key(rel), relpath=rel, path=os.path.join(root, rel),

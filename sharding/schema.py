@@ -80,6 +80,11 @@ EVAL_LABEL_FOLDERS: dict[str, int] = {"0_real": 0, "1_fake": 1}
 #   reference     the non-null attribute texts joined by one space in sorted
 #                 key order ("" when there is no annotation)
 #   has_reasoning whether `attributes` came from an annotation file
+#   reasoning_index  (optional; MMFR sharder) 0-based position of the image's
+#                 entry in its <name>_reasoning.json, None when not listed.
+#                 The reference evaluation selects images in that file's order.
+#                 Shards written before it existed lack the field; readers
+#                 treat a missing field as "order unknown" (OPTIONAL_METADATA_FIELDS)
 #   width, height pixel size as decoded (before any EXIF rotation)
 #   format        the decoder's format name ("PNG", "JPEG", ...)
 #   sha256        hex digest of the image bytes stored in the sample
@@ -103,6 +108,9 @@ METADATA_FIELDS: tuple[str, ...] = (
     "image_ext",
     "schema",
 )
+
+# Fields some writers add and readers must not require (old shards lack them).
+OPTIONAL_METADATA_FIELDS: tuple[str, ...] = ("reasoning_index",)
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -128,13 +136,39 @@ def reference_text(attributes: dict[str, str | None] | None) -> str:
     return " ".join(attributes[k] for k in sorted(attributes) if attributes[k])
 
 
-def conclusion_label(answer: str) -> int | None:
-    """1 if the answer concludes fake, 0 if real, None if it has no usable <CONCLUSION>."""
-    m = re.search(r"<CONCLUSION>(.*?)</CONCLUSION>", answer, flags=re.S)
-    if m is None:
-        return None
-    text = m.group(1).lower()
-    has_fake, has_real = "fake" in text, "real" in text
-    if has_fake == has_real:
+# Words that negate a conclusion ("This image is not fake.", "isn't real",
+# "non-real"). A negated conclusion is not a decision: reading "not fake" as
+# real would be a guess about what the writer meant, so it is left undecided.
+NEGATION_RE = re.compile(r"\b(?:not|no|never|neither|nor|cannot|non|nothing|none|without)\b|n't\b|n’t\b", flags=re.I)
+# The class words, matched as whole words: "unrealistic" or "realistic" is not
+# "real", "fakery" is not "fake".
+_FAKE_WORD = re.compile(r"\bfake\b", flags=re.I)
+_REAL_WORD = re.compile(r"\breal\b", flags=re.I)
+_CONCLUSION_BLOCK = re.compile(r"<CONCLUSION>(.*?)</CONCLUSION>", flags=re.S)
+
+
+def conclusion_signals(text: str) -> tuple[bool, bool, bool]:
+    """(names fake, names real, is negated) of a conclusion text (whole words, any case)."""
+    return bool(_FAKE_WORD.search(text)), bool(_REAL_WORD.search(text)), bool(NEGATION_RE.search(text))
+
+
+def conclusion_text_label(text: str) -> int | None:
+    """1 if a conclusion text names fake, 0 if real; None if it names both, neither, or is negated."""
+    has_fake, has_real, negated = conclusion_signals(text)
+    if negated or has_fake == has_real:
         return None
     return 1 if has_fake else 0
+
+
+def conclusion_label(answer: str) -> int | None:
+    """1 if the answer concludes fake, 0 if real, None if it has no usable <CONCLUSION>.
+
+    The first <CONCLUSION>...</CONCLUSION> block decides (whitespace around
+    the sentence does not matter): it must name exactly one of the whole words
+    "fake"/"real" and hold no negation (see conclusion_text_label). This labels
+    training conversations and reads generated answers, so both agree.
+    """
+    m = _CONCLUSION_BLOCK.search(answer)
+    if m is None:
+        return None
+    return conclusion_text_label(m.group(1))

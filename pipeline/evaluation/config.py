@@ -12,6 +12,21 @@ class EvalConfigError(ValueError):
     """A bad evaluation setting; the message names the field."""
 
 
+# Evaluation protocols. "ours": Vicuna v1 prompt (as in training), greedy
+# decoding, the strict-with-loose-fallback parser. "reference": what the
+# reference's forgery_eval/eval.py does: LLaVA's llava_v1 conversation,
+# sampling at temperature 0.2 without nucleus filtering, one beam, 512 new
+# tokens, its substring parser, only images listed in the MMFR reasoning
+# JSONs, and CSS of an empty hypothesis from CLIP's embedding of "".
+PROTOCOLS: tuple[str, ...] = ("ours", "reference")
+# The generation settings each protocol fixes (None top_p = no nucleus filtering).
+PROTOCOL_GENERATION: dict[str, dict[str, Any]] = {
+    "ours": {"conversation": "vicuna_v1", "temperature": 0.0, "top_p": None, "num_beams": 1, "max_new_tokens": 512},
+    "reference": {"conversation": "llava_v1", "temperature": 0.2, "top_p": None, "num_beams": 1,
+                  "max_new_tokens": 512},
+}
+
+
 @dataclass
 class EvalConfig:
     """Everything an evaluation run depends on (recorded in results.json)."""
@@ -27,16 +42,23 @@ class EvalConfig:
     """Name of the `shards` set in the reports."""
     benchmarks: dict[str, str] = field(default_factory=dict)
     """Cross-dataset benchmark shard folders, name -> OUT of `sharding.benchmarks`."""
+    protocol: str = "ours"
+    """Evaluation protocol, one of PROTOCOLS: prompt, decoding, parser, selection and
+    CSS of empty hypotheses (see PROTOCOL_GENERATION)."""
     batch_size: int = 8
     """Images per generation batch on each rank."""
-    max_new_tokens: int = 512
-    """Generation length limit; an answer cut here usually has no conclusion (unparseable)."""
-    temperature: float = 0.0
-    """0 = greedy decoding (default, deterministic); > 0 samples with this temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (only with temperature > 0)."""
+    max_new_tokens: int | None = None
+    """Generation length limit (None: the protocol's, 512); an answer cut here usually
+    has no conclusion (unparseable)."""
+    temperature: float | None = None
+    """None: the protocol's (ours 0 = greedy, reference 0.2); 0 = greedy; > 0 samples."""
+    top_p: float | None = None
+    """Nucleus sampling threshold with temperature > 0; None: the protocol's (no filtering)."""
+    conversation: str | None = None
+    """Prompt conversation (modeling.template.CONVERSATIONS); None: the protocol's
+    (ours vicuna_v1 as in training, reference llava_v1)."""
     seed: int = 0
-    """Seed of sampling (each rank adds its rank)."""
+    """Seed of sampling: each batch is seeded from it and its first image (runner.batch_seed)."""
     css_model: str | None = None
     """Local CLIP directory (transformers CLIPModel or CLIPTextModelWithProjection + tokenizer)
     for CSS; None: CSS is reported as n/a."""
@@ -45,7 +67,11 @@ class EvalConfig:
     num_workers: int = 2
     """Image decoding worker processes per rank."""
     limit: int | None = None
-    """Score only the first N images of each set (smoke tests); expected counts follow."""
+    """Score only the first N (selected) images of each set in shard order (smoke tests,
+    not balanced: the first generator's images); expected counts follow."""
+    max_per_class: int | None = None
+    """Per generator, the first N real and N fake images in reasoning-JSON order (the
+    reference's max_sample, 10 in its script); None: every image."""
     dtype: str | None = None
     """Override the model's dtype (float32, bfloat16, float16); None keeps the checkpoint's."""
     reference_base_model: str | None = None
@@ -82,20 +108,56 @@ class EvalConfig:
         for name, path in self.sets().items():
             if not os.path.isdir(path):
                 raise EvalConfigError(f"shards of set {name!r}: {path!r} is not a directory")
-        for name in ("batch_size", "max_new_tokens", "css_batch_size"):
+        for name in ("batch_size", "css_batch_size"):
             if getattr(self, name) < 1:
                 raise EvalConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise EvalConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.limit is not None and self.limit < 1:
-            raise EvalConfigError(f"limit: must be >= 1 or None, got {self.limit}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise EvalConfigError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+        if self.protocol not in PROTOCOLS:
+            raise EvalConfigError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        for name in ("limit", "max_per_class", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EvalConfigError(f"{name}: must be >= 1 or None, got {value}")
+        if self.temperature is not None and self.temperature < 0:
+            raise EvalConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise EvalConfigError(f"top_p: must be in (0, 1] or None, got {self.top_p}")
+        from modeling.template import CONVERSATIONS
+
+        if self.conversation is not None and self.conversation not in CONVERSATIONS:
+            raise EvalConfigError(f"conversation: {self.conversation!r} is not one of {', '.join(CONVERSATIONS)}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise EvalConfigError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
         if self.css_model is not None and not os.path.isdir(self.css_model):
             raise EvalConfigError(f"css_model: {self.css_model!r} is not a directory")
         return self
+
+    def generation(self) -> dict[str, Any]:
+        """Effective generation settings: the protocol's, with any field set here instead."""
+        out = dict(PROTOCOL_GENERATION[self.protocol])
+        for name in ("conversation", "temperature", "top_p", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def reasoning_sets(self) -> tuple[str, ...]:
+        """Sets restricted to images listed in their reasoning JSON: the MMFR set under
+        the reference protocol (benchmarks have no such JSON and are taken whole)."""
+        return (self.set_name,) if self.protocol == "reference" and self.shards else ()
+
+    def protocol_record(self) -> dict[str, Any]:
+        """What ran (results.json "protocol"): name, effective settings, and the
+        settings that differ from the protocol's own."""
+        gen = self.generation()
+        own = PROTOCOL_GENERATION[self.protocol]
+        return {
+            "name": self.protocol, "generation": gen, "parser": self.protocol,
+            "css_empty_hypothesis": "clip_embedding" if self.protocol == "reference" else "zero",
+            "max_per_class": self.max_per_class, "limit": self.limit,
+            "reasoning_json_only": list(self.reasoning_sets()), "seed": self.seed,
+            "deviations": {k: v for k, v in gen.items() if v != own[k]},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,9 @@ numbers agree with them to the last digit:
   ``CLIPTextModelWithProjection.text_embeds``) of hypothesis and reference,
   texts truncated to the model's context (77 tokens for CLIP). An empty
   hypothesis scores 0.0 instead of the similarity of the empty string's
-  embedding, which is not a measure of anything the model said.
+  embedding, which is not a measure of anything the model said; the
+  reference protocol (``CSSScorer(embed_empty=True)``) scores it as the
+  reference does, with the CLIP embedding of "" like any other text.
 
 Text metrics are only defined for images that have a reference reasoning
 (a non-empty ``reference``); detection-only benchmarks get ``None``.
@@ -72,7 +74,9 @@ class CSSScorer:
     its tokenizer; nothing is fetched from the network.
     """
 
-    def __init__(self, path: str, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, path: str, device: str = "cpu", batch_size: int = 64, embed_empty: bool = False) -> None:
+        """embed_empty: score an empty hypothesis with the embedding of "" (the
+        reference's behaviour) instead of 0.0."""
         import os
 
         import torch
@@ -83,6 +87,7 @@ class CSSScorer:
         self.torch = torch
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.embed_empty = embed_empty
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True)
         self.model.to(self.device).eval()
@@ -108,10 +113,11 @@ class CSSScorer:
         return torch.cat(out)
 
     def score(self, references: Sequence[str], hypotheses: Sequence[str]) -> list[float]:
-        """CSS of each (reference, hypothesis) pair; 0.0 where the hypothesis is empty."""
+        """CSS of each (reference, hypothesis) pair; 0.0 where the hypothesis is empty
+        (unless embed_empty: then its text, "" or blanks, is embedded like any other)."""
         if len(references) != len(hypotheses):
             raise ValueError(f"CSS: {len(references)} references but {len(hypotheses)} hypotheses")
-        pairs = [(r, h) for r, h in zip(references, hypotheses) if h.strip()]
+        pairs = [(r, h) for r, h in zip(references, hypotheses) if self.embed_empty or h.strip()]
         # Embed each distinct text once: references repeat across answers of
         # the same image set and hypotheses are often identical.
         unique = sorted({t for pair in pairs for t in pair})
@@ -119,7 +125,7 @@ class CSSScorer:
         emb = self.embed(unique)
         scores = []
         for r, h in zip(references, hypotheses):
-            if not h.strip():
+            if not h.strip() and not self.embed_empty:
                 scores.append(0.0)
             else:
                 scores.append(float((emb[index[r]] * emb[index[h]]).sum()))

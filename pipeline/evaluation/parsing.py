@@ -1,11 +1,14 @@
 """Parsing of generated FakeReasoning answers into a decision and a reasoning text.
 
-The model is trained to answer ``<REASONING>...</REASONING>`` followed by
-``<CONCLUSION>This image is fake.</CONCLUSION>`` (or ``... real.``). Generated
-text does not always follow the format (truncated by ``max_new_tokens``, a
-conclusion that names both classes, no tags at all), and the reference
-implementation silently drops such answers. Here every answer gets an explicit
-``parse_status`` so that both conventions can be reported and nothing is lost:
+Answers follow the MMFR (LLaVA-CoT) layout ``<SUMMARY> ... </SUMMARY>
+<CAPTION> ... </CAPTION> <REASONING> ... </REASONING> <CONCLUSION> This image
+is fake. </CONCLUSION>``; whitespace around the tags varies and is never
+significant here. Generated text does not always follow the format (truncated
+by ``max_new_tokens``, a conclusion that names both classes, no tags at all).
+Two parsers exist, one per evaluation protocol (``PARSERS``), and every answer
+gets an explicit ``parse_status`` so that nothing is lost silently.
+
+``parse_answer`` (protocol "ours", the default):
 
 ==================  =========  ==================================================
 status              decision   meaning
@@ -14,31 +17,54 @@ status              decision   meaning
                                sentences (case, spacing and the final period are
                                not significant)
 ``loose``           yes        the conclusion is not canonical but names exactly
-                               one of "fake"/"real" (schema.conclusion_label)
+                               one of the whole words "fake"/"real", without
+                               negation (schema.conclusion_text_label)
 ``ambiguous``       no         it names both, or several conclusions disagree
+``negated``         no         it holds a negation ("This image is not fake."):
+                               reading it as the other class would be a guess
 ``no_decision``     no         a conclusion that names neither class
+                               ("unrealistic" is not "real")
 ``no_conclusion``   no         no complete ``<CONCLUSION>...</CONCLUSION>`` block
 ==================  =========  ==================================================
 
-The decision rule for non-canonical text is ``sharding.schema.conclusion_label``,
-the same rule that labels the training conversations, so the two stages cannot
-disagree on what an answer concludes.
+The decision rule for non-canonical text is the one of
+``sharding.schema.conclusion_label``, which labels the training
+conversations, so the two stages cannot disagree on what an answer concludes.
+
+``parse_answer_reference`` (protocol "reference", the rule of the reference's
+``forgery_eval/eval.py``):
+
+- an answer without a ``<REASONING>``...``</REASONING>`` block is dropped by
+  the reference (status ``no_reasoning``: counted here, left out of the
+  reference-convention metrics like every unparseable answer);
+- the hypothesis is the text between the first ``<REASONING>`` and the first
+  ``</REASONING>`` after it, stripped (later blocks are ignored);
+- in the first ``<CONCLUSION>`` block (up to its ``</CONCLUSION>``, or to the
+  end of a truncated answer) the case-sensitive substring
+  "This image is fake." is looked for first, then "This image is real."
+  (status ``ok``); neither: ``no_decision``; no ``<CONCLUSION>`` at all:
+  ``no_conclusion``. The reference has no explicit rule for these two; they
+  are reported as unparseable.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sharding.schema import FAKE_CONCLUSION, REAL_CONCLUSION, conclusion_label
+from sharding.schema import FAKE_CONCLUSION, REAL_CONCLUSION, conclusion_signals, conclusion_text_label
 
 # Statuses whose answer carries a decision; every other status is "unparseable".
 PARSEABLE_STATUSES: frozenset[str] = frozenset({"ok", "loose"})
-ALL_STATUSES: tuple[str, ...] = ("ok", "loose", "ambiguous", "no_decision", "no_conclusion")
+ALL_STATUSES: tuple[str, ...] = ("ok", "loose", "ambiguous", "negated", "no_decision", "no_conclusion",
+                                 "no_reasoning")
 
 _CONCLUSION_RE = re.compile(r"<CONCLUSION>(.*?)</CONCLUSION>", flags=re.S)
 _REASONING_RE = re.compile(r"<REASONING>(.*?)</REASONING>", flags=re.S)
 _OPEN_REASONING = "<REASONING>"
+_CLOSE_REASONING = "</REASONING>"
 _OPEN_CONCLUSION = "<CONCLUSION>"
+_CLOSE_CONCLUSION = "</CONCLUSION>"
 
 
 def _canonical(sentence: str) -> str:
@@ -87,7 +113,7 @@ def extract_reasoning(answer: str) -> str:
 
 
 def parse_answer(answer: str) -> ParsedAnswer:
-    """Decision, status and reasoning of one generated answer (see module docstring)."""
+    """Decision, status and reasoning of one generated answer (protocol "ours", see module docstring)."""
     reasoning = extract_reasoning(answer)
     conclusions = _CONCLUSION_RE.findall(answer)
     if not conclusions:
@@ -100,15 +126,43 @@ def parse_answer(answer: str) -> ParsedAnswer:
             decisions.append(exact)
             continue
         canonical = False
-        decisions.append(conclusion_label(f"<CONCLUSION>{text}</CONCLUSION>"))
+        decisions.append(conclusion_text_label(text))
     decided = {d for d in decisions if d is not None}
     if len(decided) > 1:
         return ParsedAnswer(None, "ambiguous", reasoning)
     if not decided:
-        lowered = " ".join(conclusions).lower()
-        both = "fake" in lowered and "real" in lowered
+        signals = [conclusion_signals(t) for t in conclusions]
+        # A negation matters only next to a class word ("Cannot tell." decides nothing).
+        if any(negated and (f or r) for f, r, negated in signals):
+            return ParsedAnswer(None, "negated", reasoning)
+        both = any(f for f, _, _ in signals) and any(r for _, r, _ in signals)
         return ParsedAnswer(None, "ambiguous" if both else "no_decision", reasoning)
     # Several blocks that agree (or a decided block next to an undecided one)
     # still carry one decision; only a canonical single statement is "ok".
     status = "ok" if canonical and None not in decisions else "loose"
     return ParsedAnswer(decided.pop(), status, reasoning)
+
+
+def parse_answer_reference(answer: str) -> ParsedAnswer:
+    """The reference evaluation's parse (protocol "reference", see module docstring)."""
+    start = answer.find(_OPEN_REASONING)
+    end = answer.find(_CLOSE_REASONING, start + len(_OPEN_REASONING)) if start >= 0 else -1
+    if end < 0:
+        return ParsedAnswer(None, "no_reasoning", "")
+    reasoning = answer[start + len(_OPEN_REASONING):end].strip()
+    c = answer.find(_OPEN_CONCLUSION)
+    if c < 0:
+        return ParsedAnswer(None, "no_conclusion", reasoning)
+    block = answer[c + len(_OPEN_CONCLUSION):]
+    close = block.find(_CLOSE_CONCLUSION)
+    block = block if close < 0 else block[:close]
+    # Order and case matter: the reference tests the fake sentence first.
+    if FAKE_CONCLUSION in block:
+        return ParsedAnswer(1, "ok", reasoning)
+    if REAL_CONCLUSION in block:
+        return ParsedAnswer(0, "ok", reasoning)
+    return ParsedAnswer(None, "no_decision", reasoning)
+
+
+# Evaluation protocol name -> its parser.
+PARSERS: dict[str, Callable[[str], ParsedAnswer]] = {"ours": parse_answer, "reference": parse_answer_reference}

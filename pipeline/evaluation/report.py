@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pipeline.evaluation.metrics import generator_order, set_metrics
+from pipeline.evaluation.parsing import ALL_STATUSES, PARSEABLE_STATUSES
 
 PREDICTION_FIELDS: tuple[str, ...] = (
     "key", "set", "generator", "label", "pred", "parse_status", "p_fake", "reasoning", "reference",
@@ -52,6 +53,14 @@ STRICT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("css_strict", "CSS", "frac"),
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# Top-level results.json entries that are not computed from the predictions
+# (kept by `rebuild`): timings, the protocol that ran, what the selection did.
+RUN_ENTRIES = ("run", "protocol", "selection")
+PROTOCOL_TITLES = {
+    "ours": "ours (Vicuna v1 prompt as in training, greedy decoding, loose parser with negation check)",
+    "reference": "reference (forgery_eval/eval.py: llava_v1 prompt, sampling, substring parser, "
+                 "images listed in the reasoning JSONs)",
+}
 
 
 def format_value(value: float | int | None, kind: str) -> str:
@@ -134,6 +143,38 @@ def _table(title: str, metrics: Mapping[str, Any], columns) -> list[str]:
     return lines + [""]
 
 
+def status_counts(predictions: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """parse_status -> number of answers, in ALL_STATUSES order (zeros left out)."""
+    counts: dict[str, int] = {}
+    for p in predictions:
+        counts[p["parse_status"]] = counts.get(p["parse_status"], 0) + 1
+    order = [k for k in ALL_STATUSES if k in counts] + sorted(set(counts) - set(ALL_STATUSES))
+    return {k: counts[k] for k in order}
+
+
+def _protocol_lines(protocol: Mapping[str, Any] | None) -> list[str]:
+    if not protocol:
+        return []
+    g = protocol["generation"]
+    top_p = "none" if g["top_p"] is None else g["top_p"]
+    lines = [f"Protocol: **{PROTOCOL_TITLES.get(protocol['name'], protocol['name'])}**; conversation "
+             f"`{g['conversation']}`, temperature {g['temperature']}, top_p {top_p}, {g['num_beams']} beam, "
+             f"{g['max_new_tokens']} new tokens, seed {protocol['seed']}; max per class "
+             f"{protocol['max_per_class'] or 'all'}, limit {protocol['limit'] or 'none'}."]
+    if protocol.get("deviations"):
+        dev = ", ".join(f"{k}={v}" for k, v in protocol["deviations"].items())
+        lines.append(f"Settings that differ from the protocol's: {dev}.")
+    return lines + [""]
+
+
+def _status_line(counts: Mapping[str, int]) -> list[str]:
+    bad = {k: v for k, v in counts.items() if k not in PARSEABLE_STATUSES}
+    if not bad:
+        return ["Unparseable answers: none.", ""]
+    return ["Unparseable answers (left out of the reference convention): "
+            + ", ".join(f"{k} {v}" for k, v in bad.items()) + ".", ""]
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """results.md: per set, one table per convention, generators as rows."""
     c = results["counts"]
@@ -142,6 +183,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"Checkpoint: `{results['checkpoint']['path']}` (sha256 `{results['checkpoint']['sha256'][:16]}`)",
         "",
+        *_protocol_lines(results.get("protocol")),
         f"Images: {c['expected']} expected, {c['scored']} scored, {c['failed']} failed.",
         "",
         "Accuracies and the unparsed share in %, other metrics in [0, 1]. Average = mean over the",
@@ -153,6 +195,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     for name, metrics in results["sets"].items():
         sc = c["per_set"][name]
         lines += [f"## {name}", "", f"{sc['expected']} expected, {sc['scored']} scored, {sc['failed']} failed.", ""]
+        sel = (results.get("selection") or {}).get(name)
+        if sel and sel["selected"] != sel["available"]:
+            lines += [f"Selected {sel['selected']} of {sel['available']} images (not in the reasoning JSON: "
+                      f"{sel['not_in_reasoning_json']}, over max per class: {sel['over_max_per_class']}, "
+                      f"over limit: {sel['over_limit']}).", ""]
+        lines += _status_line(results.get("parse_status", {}).get(name, {}))
         lines += _table("Reference convention", metrics, REFERENCE_COLUMNS)
         lines += _table("Strict convention", metrics, STRICT_COLUMNS)
     return "\n".join(lines)
@@ -194,6 +242,7 @@ def build_results(
         "config": dict(config),
         "counts": {**totals, "per_set": per_set},
         "sets": {name: set_metrics(by_set[name]) for name in names if name in by_set},
+        "parse_status": {name: status_counts(by_set.get(name, [])) for name in names},
         "failures": [dict(f) for f in failures],
     }
 
@@ -233,7 +282,7 @@ def rebuild(results_dir: str, plots: bool = True) -> dict[str, Any]:
         old = json.load(f)
     preds = read_predictions(os.path.join(results_dir, "predictions.jsonl"))
     expected = {k: v["expected"] for k, v in old["counts"]["per_set"].items()}
-    extra = {k: old[k] for k in ("run",) if k in old}
+    extra = {k: old[k] for k in RUN_ENTRIES if k in old}
     return write_report(results_dir, preds, expected, old["failures"], old["checkpoint"], old["config"], plots,
                         extra)
 

@@ -9,14 +9,22 @@ forward over prompt + answer for the CPM's p(fake) at the answer's own
 "<CONCLUSION>This image is" (forced after the answer when it has none). CSS
 runs after generation on the rank's texts, with the CLIP text model loaded
 once per process.
+
+The protocol (EvalConfig.protocol) picks the prompt conversation, decoding
+settings, parser, selection and CSS of an empty hypothesis; results.json
+"protocol" records what ran. Sampling is seeded per batch from cfg.seed and the
+batch's first image (`batch_seed`), and batches are cut at fixed positions of
+the whole image list (data.rank_slice), so a sampled run gives the same answers
+with any number of ranks or loader workers (on the same kind of device).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +32,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline.evaluation.config import EvalConfig
-from pipeline.evaluation.data import enumerate_items, expected_counts, make_eval_loader, rank_slice
+from pipeline.evaluation.data import expected_counts, make_eval_loader, plan_items, rank_slice
 from pipeline.evaluation.metrics import CSSScorer, text_scores
-from pipeline.evaluation.parsing import parse_answer
+from pipeline.evaluation.parsing import PARSERS
 from pipeline.evaluation.report import checkpoint_identity, write_report
 from sharding.schema import EVAL_QUESTION
 
@@ -55,26 +63,48 @@ def load_model(cfg: EvalConfig):
     return model, tok, "fakereasoning"
 
 
+def batch_seed(seed: int, first_sample: dict[str, Any]) -> int:
+    """Sampling seed of a batch: from the run's seed and the batch's first image
+    (set and key), never from the rank, so it is the same in any world size."""
+    text = f"{seed}/{first_sample['set']}/{first_sample['key']}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
+
+
 class Scorer:
     """Generation + parsing + p(fake) for batches of images (one model, one device)."""
 
-    def __init__(self, model, cfg: EvalConfig, device: torch.device):
+    def __init__(self, model, cfg: EvalConfig, device: torch.device, tokenizer=None):
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.device = device
+        self.parse = PARSERS[cfg.protocol]
+        self.settings = cfg.generation()
+        from modeling.template import build_prompt
+
+        tok = tokenizer if tokenizer is not None else self.model.tokenizer
+        # Prompt ids built here (the model's own str path always uses Vicuna v1).
+        self.prompt_ids = build_prompt(tok, EVAL_QUESTION, conversation=self.settings["conversation"])[0]
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of model.generate: the protocol's decoding settings.
+        top_p None (no nucleus filtering) is passed as 1.0, which transformers treats
+        the same, so a checkpoint's generation_config cannot put a threshold back."""
+        g = self.settings
+        sample = g["temperature"] > 0
+        return {"max_new_tokens": g["max_new_tokens"], "do_sample": sample,
+                "temperature": g["temperature"] if sample else 1.0,
+                "top_p": 1.0 if g["top_p"] is None else g["top_p"], "num_beams": g["num_beams"]}
 
     @torch.inference_mode()
     def score_batch(self, pixel_values: torch.Tensor, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        cfg = self.cfg
         px = pixel_values.to(self.device)
-        prompts = [EVAL_QUESTION] * len(samples)
-        answers = self.model.generate(px, prompts, max_new_tokens=cfg.max_new_tokens,
-                                      do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0,
-                                      top_p=cfg.top_p)
+        prompts = [list(self.prompt_ids) for _ in samples]
+        torch.manual_seed(batch_seed(self.cfg.seed, samples[0]))
+        answers = self.model.generate(px, prompts, **self.generate_kwargs())
         p_fake = self.model.score_p_fake(px, prompts, answers).float().cpu().tolist()
         rows = []
         for s, answer, p in zip(samples, answers, p_fake):
-            parsed = parse_answer(answer)
+            parsed = self.parse(answer)
             rows.append({
                 "key": s["key"], "set": s["set"], "generator": s["generator"], "label": s["label"],
                 "pred": parsed.pred, "parse_status": parsed.parse_status,
@@ -117,6 +147,28 @@ def _gather(obj: Any, rank: int, world_size: int) -> list[Any]:
     return out or []
 
 
+def _broadcast(obj: Any, world_size: int) -> Any:
+    if world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def plan(cfg: EvalConfig):
+    """(items, selection record) of a run; raises when the reference protocol's
+    JSON-order selection is asked of shards that do not record the order."""
+    items, selection = plan_items(cfg.sets(), cfg.limit, cfg.max_per_class, cfg.reasoning_sets())
+    for name in cfg.reasoning_sets():
+        old = selection[name].without_reasoning_index
+        if cfg.max_per_class is not None and old:
+            raise RuntimeError(
+                f"set {name!r}: {old} images come from shards without metadata 'reasoning_index' (written "
+                "before it existed), so the reference protocol cannot take the first --max-per-class images "
+                "in <gen>_reasoning.json order; re-shard with sharding/shard_mmfr.py, or drop --max-per-class")
+    return items, {name: asdict(sel) for name, sel in selection.items()}
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     """Evaluate on every rank of the launched world; returns the results on rank 0."""
     from modeling.image_processing import ImageProcessor
@@ -126,20 +178,32 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     cfg.validate()
     info = init_distributed()
     rank, world = info.rank, info.world_size
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)
     dev = current_device()
     t0 = time.perf_counter()
-    items = enumerate_items(cfg.sets(), cfg.limit)
-    mine = rank_slice(items, rank, world)
+    # Rank 0 plans (selection reads every sample's metadata) and every rank gets the
+    # same list; a planning error reaches every rank instead of leaving them waiting.
+    planned: Any = None
+    if rank == 0:
+        try:
+            planned = plan(cfg)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            planned = exc
+    planned = _broadcast(planned, world)
+    if isinstance(planned, Exception):
+        raise planned
+    items, selection = planned
+    mine = rank_slice(items, rank, world, cfg.batch_size)
     # Identity first: a report that cannot say which weights it scored is not written.
     identity = checkpoint_identity(cfg.checkpoint) if rank == 0 else None
     model, tokenizer, fmt = load_model(cfg)
     t_load, c_load = time.perf_counter(), time.process_time()
-    scorer = Scorer(model, cfg, dev)
+    scorer = Scorer(model, cfg, dev, tokenizer)
     rows, failures = score_items(scorer, mine, ImageProcessor(model.config), cfg,
                                  show_progress=cfg.progress and rank == 0)
     t_gen, c_gen = time.perf_counter(), time.process_time()
-    css = CSSScorer(cfg.css_model, device=str(dev), batch_size=cfg.css_batch_size) if cfg.css_model else None
+    css = (CSSScorer(cfg.css_model, device=str(dev), batch_size=cfg.css_batch_size,
+                     embed_empty=cfg.protocol == "reference") if cfg.css_model else None)
     add_text_scores(rows, css)
     t_text, c_text = time.perf_counter(), time.process_time()
     # CPU seconds next to wall seconds: on a shared machine they show the work
@@ -156,7 +220,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
            "seconds": time.perf_counter() - t0, "per_rank": [g[2] for g in gathered],
            "images_per_s_scoring": len(items) / max(max(g[2]["generate_s"] for g in gathered), 1e-9)}
     results = write_report(cfg.out, all_rows, expected_counts(items), all_failures, identity,
-                           cfg.to_dict(), plots=cfg.plots, extra={"run": run})
+                           cfg.to_dict(), plots=cfg.plots,
+                           extra={"run": run, "protocol": cfg.protocol_record(), "selection": selection})
     log_to_wandb(cfg, results, all_rows)
     return results
 

@@ -86,7 +86,8 @@ def test_two_ranks_match_one_process(setup, tmp_path):
     r1 = json.loads((one / "results.json").read_text())
     r2 = json.loads((two / "results.json").read_text())
     assert r1["run"]["world_size"] == 1 and r2["run"]["world_size"] == 2
-    assert [p["images"] for p in r2["run"]["per_rank"]] == [11, 12]  # 23 images split, no padding
+    # 23 images in 8 batches of 3 (the last of 2), split into whole batches, no padding
+    assert [p["images"] for p in r2["run"]["per_rank"]] == [12, 11]
     total = s.images + 3
     for r in (r1, r2):
         assert r["counts"]["expected"] == r["counts"]["scored"] == total and r["counts"]["failed"] == 0
@@ -123,3 +124,30 @@ def test_two_ranks_match_one_process(setup, tmp_path):
     assert summary["eval/counts"]["scored"] == total
     assert summary["eval/mmfr/average/n"] == 20
     assert summary["eval/predictions"]["nrows"] == min(32, total) and summary["eval/mmfr/reference"]["nrows"] == 12
+
+
+@pytest.mark.slow
+def test_reference_protocol_samples_the_same_answers_on_two_ranks(setup, tmp_path):
+    """--protocol reference samples (temperature 0.2); per-batch seeds and batches cut
+    at fixed positions make a 2-rank run give the 1-process answers."""
+    s, _ = setup
+    args = ["--checkpoint", s.model, "--shards", s.shards, "--protocol", "reference", "--max-per-class", "1",
+            "--css-model", s.clip_text, "--batch-size", "3", "--max-new-tokens", "8", "--num-workers", "1",
+            "--no-progress", "--no-plots", "--wandb-mode", "disabled"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = subprocess.run([PY, str(REPO / "launch" / "eval.py"), *args, "--out", str(one)],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    deepspeed = shutil.which("deepspeed") or str(Path(PY).parent / "deepspeed")
+    res = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()),
+                          str(REPO / "launch" / "eval.py"), *args, "--out", str(two)],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    for out in (one, two):
+        r = json.loads((out / "results.json").read_text())
+        assert r["protocol"]["name"] == "reference" and r["protocol"]["generation"]["temperature"] == 0.2
+        assert r["selection"]["mmfr"]["selected"] == r["counts"]["expected"] == 20  # 1 real + 1 fake x 10
+        assert "Protocol: **reference" in (out / "results.md").read_text()
+    p1, p2 = _predictions(one), _predictions(two)
+    assert [(p["key"], p["answer"], p["parse_status"]) for p in p1] == [(p["key"], p["answer"], p["parse_status"])
+                                                                         for p in p2]

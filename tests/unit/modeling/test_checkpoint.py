@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,50 @@ def test_reference_merged_import_lists_missing_and_unknown_keys(env, merged, tmp
     msg = str(err.value)
     assert "missing keys [model.crossattention.norm.1.b_2, model.layers.1.mlp.up_proj.weight]" in msg
     assert "unknown keys [model.extra_head.weight]" in msg
+
+
+def _tower_copies(env) -> dict:
+    """Whole frozen tower copies under reference-style wrapper names: LLaVA's
+    CLIPVisionTower keeps the CLIPVisionModel as `.vision_tower`, saved (transformers
+    4.x) with its `vision_model.` level; a DINO wrapper alike."""
+    towers = {}
+    for prefix, tower in (("model.vision_tower.vision_tower.vision_model.", env["model"].clip_tower),
+                          ("model.dino_tower.dino_tower.", env["model"].dino_tower)):
+        towers.update({prefix + k: v.clone() for k, v in tower.model.state_dict().items()})
+    return towers
+
+
+def test_reference_tower_copies_are_ignored_with_their_count_logged(env, merged, tmp_path, caplog):
+    src, want = merged
+    write_reference_merged(env, src, tmp_path / "ref", "safetensors",
+                           extra={"model.dino_tower.blocks.0.norm1.weight": torch.ones(64),
+                                  "model.dino_tower.blocks.0.norm1.bias": torch.zeros(64)})
+    with caplog.at_level(logging.INFO, logger="modeling.checkpoint_reference"):
+        model, _ = import_reference(tmp_path / "ref", env["with_paths"])
+    assert torch.equal(logits(model, env["batch"]), want)
+    assert "ignored 3 tensors (model.vision_tower.*: 1, model.dino_tower.*: 2)" in caplog.text
+
+
+def test_reference_tower_copies_load_on_request_when_they_match(env, merged, tmp_path, caplog):
+    src, want = merged
+    write_reference_merged(env, src, tmp_path / "ref", "bin", extra=_tower_copies(env))
+    no_paths = ModelConfig.preset("tiny")  # the towers start random unless the file's copies are loaded
+    with caplog.at_level(logging.INFO, logger="modeling.checkpoint_reference"):
+        model, _ = import_reference(tmp_path / "ref", no_paths, load_towers=True)
+    assert torch.equal(logits(model, env["batch"]), want)
+    n_clip = len(env["model"].clip_tower.model.state_dict())
+    assert f"clip_tower loaded from model.vision_tower.vision_tower.vision_model.* ({n_clip} tensors)" in caplog.text
+    ignoring, _ = import_reference(tmp_path / "ref", no_paths)  # default: ignored, random towers
+    assert not torch.equal(logits(ignoring, env["batch"]), want)
+
+    copies = _tower_copies(env)
+    del copies["model.dino_tower.dino_tower.layernorm.bias"]
+    copies["model.dino_tower.dino_tower.extra.weight"] = torch.zeros(1)
+    write_reference_merged(env, src, tmp_path / "bad", "safetensors", extra=copies)
+    with pytest.raises(CheckpointError, match=r"load_towers=True but model\.dino_tower\.dino_tower\.\* does not match "
+                                              r"dino_tower\.model \(model\.dino_backend=transformers\): lacks "
+                                              r"\[layernorm\.bias\]; has unknown \[extra\.weight\]"):
+        import_reference(tmp_path / "bad", no_paths, load_towers=True)
 
 
 @pytest.mark.parametrize("adapter_ext", ["safetensors", "bin"])

@@ -184,3 +184,32 @@ def test_tokenizer_that_merges_across_the_answer_boundary_is_refused():
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     with pytest.raises(ValueError, match="merges 'ASSISTANT:' with the answer"):
         build_training_example(tok, QUESTION, "This image is real.")
+
+
+def test_llava_v1_conversation_text():
+    from modeling.template import CONVERSATIONS, LLAVA_V1_SYSTEM
+
+    assert LLAVA_V1_SYSTEM == (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+    assert CONVERSATIONS == {"vicuna_v1": VICUNA_SYSTEM, "llava_v1": LLAVA_V1_SYSTEM}
+    # Same layout as Vicuna v1; only the system text differs.
+    assert render_text(QUESTION, conversation="llava_v1") == f"{LLAVA_V1_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"
+    assert render_text(QUESTION, ANSWERS[0], "llava_v1") == render_text(QUESTION, ANSWERS[0]).replace(
+        VICUNA_SYSTEM, LLAVA_V1_SYSTEM)
+    with pytest.raises(ValueError, match="chatml"):
+        render_text(QUESTION, conversation="chatml")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_llava_v1_prompt_ids_match_llava_tokenisation(kind, tokenizers):
+    tok = tokenizers[kind]
+    ids, image_position = build_prompt(tok, QUESTION, conversation="llava_v1")
+    assert ids == llava_reference_ids(tok, render_text(QUESTION, conversation="llava_v1"))
+    assert ids[image_position] == IMAGE_TOKEN_INDEX and ids != build_prompt(tok, QUESTION)[0]
+    # The default stays Vicuna v1, and training examples use it whatever the prompt option.
+    assert build_prompt(tok, QUESTION)[0] == build_prompt(tok, QUESTION, conversation="vicuna_v1")[0]
+    ex = build_training_example(tok, QUESTION, ANSWERS[0])
+    assert ex.input_ids[: len(build_prompt(tok, QUESTION)[0])] == build_prompt(tok, QUESTION)[0]
+    forced, _ = build_prompt(tok, QUESTION, answer_prefix="<CONCLUSION>This image is", conversation="llava_v1")
+    assert forced[: len(ids)] == ids and len(forced) > len(ids)

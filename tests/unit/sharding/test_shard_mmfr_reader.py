@@ -135,3 +135,18 @@ def test_strict_stops_naming_the_file(tmp_path):
 def test_missing_root_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         scan_mmfr(str(tmp_path / "nope"))
+
+
+def test_reasoning_index_is_the_position_in_the_json_file(tmp_path):
+    """The reference evaluation selects images in <gen>_reasoning.json order; the
+    samples are sorted by path, so the file position is kept as metadata."""
+    make_mmfr(tmp_path, n_train=1, gens=("flux",), n_eval=2)
+    write(tmp_path / "evaluation_sets/flux/1_fake/unlisted.png", image_bytes("PNG"))
+    # Reverse the file: positions must follow the file, not the paths.
+    rewrite_json(tmp_path, "evaluation_sets/flux/flux_reasoning.json", lambda d: dict(reversed(list(d.items()))))
+    order = list(json.loads((tmp_path / "evaluation_sets/flux/flux_reasoning.json").read_text()))
+    flux = _by_rel(scan_mmfr(str(tmp_path)), "eval/flux")
+    for position, key in enumerate(order):
+        assert flux[f"evaluation_sets/{key}"].metadata["reasoning_index"] == position
+    assert flux["evaluation_sets/flux/1_fake/unlisted.png"].metadata["reasoning_index"] is None
+    assert order[0] == "flux/1_fake/flux_1_1.png"  # the reversal did change the order

@@ -148,3 +148,18 @@ def test_css_scorer(tiny_clip):
 def test_css_scorer_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CSSScorer(str(tmp_path / "nope"))
+
+
+def test_css_of_an_empty_hypothesis_in_reference_mode(tiny_clip):
+    """The reference embeds "" with CLIP like any text; ours scores it 0."""
+    import torch
+
+    refs = ["smooth natural edges", "the cat sat on the mat"]
+    hyps = ["", "the cat sat"]
+    ours = CSSScorer(tiny_clip).score(refs, hyps)
+    ref_mode = CSSScorer(tiny_clip, embed_empty=True)
+    got = ref_mode.score(refs, hyps)
+    e = ref_mode.embed(["", refs[0]])
+    want = torch.nn.functional.cosine_similarity(e[0:1], e[1:2]).item()
+    assert ours[0] == 0.0 and got[0] == pytest.approx(want, abs=1e-6) and abs(got[0]) > 1e-3
+    assert got[1] == pytest.approx(ours[1], abs=1e-6)  # non-empty hypotheses are unchanged

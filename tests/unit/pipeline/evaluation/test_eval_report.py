@@ -168,3 +168,40 @@ def test_checkpoint_identity(tmp_path, checkpoint):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no weight file"):
         checkpoint_identity(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("protocol", ["ours", "reference"])
+def test_protocol_and_parse_statuses_are_recorded(tmp_path, checkpoint, protocol):
+    from pipeline.evaluation.config import EvalConfig
+    from pipeline.evaluation.parsing import PARSERS
+
+    cfg = EvalConfig(protocol=protocol, max_per_class=10, max_new_tokens=8)
+    preds = make_predictions(2)
+    for p in preds:  # parse with the protocol's own parser, as the runner does
+        parsed = PARSERS[protocol](p["answer"])
+        p.update(pred=parsed.pred, parse_status=parsed.parse_status, reasoning=parsed.reasoning)
+    selection = {"mmfr": {"available": 50, "selected": 36, "not_in_reasoning_json": 4, "over_max_per_class": 10,
+                          "over_limit": 0}}
+    out = tmp_path / protocol
+    write_report(str(out), preds, {"mmfr": 36, "genimage": 24}, [], checkpoint, cfg.to_dict(), plots=False,
+                 extra={"protocol": cfg.protocol_record(), "selection": selection})
+    results = json.loads((out / "results.json").read_text())
+    rec = results["protocol"]
+    assert rec["name"] == protocol and results["config"]["protocol"] == protocol
+    want = {"ours": ("vicuna_v1", 0.0), "reference": ("llava_v1", 0.2)}[protocol]
+    assert (rec["generation"]["conversation"], rec["generation"]["temperature"]) == want
+    assert rec["generation"]["top_p"] is None and rec["generation"]["num_beams"] == 1
+    assert rec["deviations"] == {"max_new_tokens": 8} and rec["max_per_class"] == 10
+    assert rec["css_empty_hypothesis"] == ("clip_embedding" if protocol == "reference" else "zero")
+    statuses = results["parse_status"]["mmfr"]
+    assert sum(statuses.values()) == 36
+    assert statuses == {s: sum(p["parse_status"] == s for p in preds if p["set"] == "mmfr") for s in statuses}
+    # ANSWERS[3] has no </REASONING>: the reference drops it, ours reads it as having no conclusion.
+    assert ("no_reasoning" in statuses) == (protocol == "reference")
+    md = (out / "results.md").read_text()
+    assert f"Protocol: **{protocol} (" in md and f"`{want[0]}`" in md and "max_new_tokens=8" in md
+    assert "Selected 36 of 50 images (not in the reasoning JSON: 4, over max per class: 10" in md
+    unparsed = ", ".join(f"{k} {v}" for k, v in statuses.items() if k not in ("ok", "loose"))
+    assert f"Unparseable answers (left out of the reference convention): {unparsed}." in md
+    again = rebuild(str(out), plots=False)
+    assert again["protocol"] == rec and again["selection"] == selection and (out / "results.md").read_text() == md

@@ -20,8 +20,9 @@ def tiny(tmp_path_factory):
 
 def _cfg(model, tmp_path, **kw):
     (tmp_path / "shards").mkdir(exist_ok=True)
+    kw = {"max_new_tokens": 6, **kw}
     return EvalConfig(checkpoint=model, out=str(tmp_path / "out"), shards=str(tmp_path / "shards"),
-                      max_new_tokens=6, num_workers=0, **kw)
+                      num_workers=0, **kw)
 
 
 def test_batched_generation_matches_batch_of_one(tiny, tmp_path):
@@ -81,3 +82,131 @@ def test_config_errors_name_the_field(tiny, tmp_path):
         EvalConfig(checkpoint=tiny, out="o").validate()
     with pytest.raises(EvalConfigError, match="used twice"):
         EvalConfig(checkpoint=tiny, out="o", shards=str(tmp_path), benchmarks={"mmfr": str(tmp_path)}).sets()
+
+
+class _Recording:
+    """The real tiny model, with the calls the scorer makes to it written down."""
+
+    def __init__(self, model):
+        self.model, self.tokenizer, self.calls = model, model.tokenizer, []
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def generate(self, pixel_values, prompts, **kwargs):
+        self.calls.append(("generate", [list(p) for p in prompts], kwargs))
+        return self.model.generate(pixel_values, prompts, **kwargs)
+
+    def score_p_fake(self, pixel_values, prompts, answers):
+        self.calls.append(("score_p_fake", [list(p) for p in prompts], {}))
+        return self.model.score_p_fake(pixel_values, prompts, answers)
+
+
+def _samples(n):
+    return [{"key": f"k{i}", "set": "mmfr", "generator": "flux", "label": i % 2, "reference": "the edges",
+             "relpath": f"{i}.png", "shard": "x.tar", "index": i} for i in range(n)]
+
+
+def test_reference_protocol_prompts_with_llava_v1_and_samples_at_0_2(tiny, tmp_path):
+    from modeling.template import LLAVA_V1_SYSTEM, build_prompt
+    from sharding.schema import EVAL_QUESTION
+
+    model, tok, _ = load_model(_cfg(tiny, tmp_path))
+    cfg = _cfg(tiny, tmp_path, protocol="reference", max_new_tokens=None)
+    rec = _Recording(model)
+    scorer = Scorer(rec, cfg, torch.device("cpu"), tok)
+    assert scorer.generate_kwargs() == {"max_new_tokens": 512, "do_sample": True, "temperature": 0.2,
+                                        "top_p": 1.0, "num_beams": 1}
+    cfg.max_new_tokens = 6  # keep the tiny run short; the other settings stay the protocol's
+    scorer = Scorer(rec, cfg, torch.device("cpu"), tok)
+    torch.manual_seed(1)
+    px = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    rows = scorer.score_batch(px, _samples(2))
+    (name, prompts, kwargs), (name2, prompts2, _) = rec.calls
+    assert (name, name2) == ("generate", "score_p_fake")
+    assert kwargs == {"max_new_tokens": 6, "do_sample": True, "temperature": 0.2, "top_p": 1.0, "num_beams": 1}
+    want = build_prompt(tok, EVAL_QUESTION, conversation="llava_v1")[0]
+    assert prompts == prompts2 == [want, want] and want != build_prompt(tok, EVAL_QUESTION)[0]
+    i = want.index(-200)
+    assert tok.decode(want[:i], skip_special_tokens=True).startswith(LLAVA_V1_SYSTEM)
+    # Rows are parsed with the reference's parser.
+    from pipeline.evaluation.parsing import parse_answer_reference
+
+    assert [r["parse_status"] for r in rows] == [parse_answer_reference(r["answer"]).parse_status for r in rows]
+    # Our protocol: Vicuna v1 ids and greedy decoding.
+    ours = Scorer(rec, _cfg(tiny, tmp_path), torch.device("cpu"), tok)
+    assert ours.prompt_ids == build_prompt(tok, EVAL_QUESTION)[0]
+    assert ours.generate_kwargs()["do_sample"] is False
+
+
+def test_sampling_is_seeded_per_batch_not_per_rank(tiny, tmp_path):
+    from pipeline.evaluation.runner import batch_seed
+
+    model, tok, _ = load_model(_cfg(tiny, tmp_path))
+    # A high temperature so that unseeded draws would differ between runs.
+    scorer = Scorer(model, _cfg(tiny, tmp_path, protocol="reference", temperature=5.0), torch.device("cpu"), tok)
+    torch.manual_seed(2)
+    px = torch.randn(3, 3, model.config.image_size, model.config.image_size)
+    first = [r["answer"] for r in scorer.score_batch(px, _samples(3))]
+    torch.manual_seed(12345)  # whatever the process's RNG state (rank seeds differed before)
+    assert [r["answer"] for r in scorer.score_batch(px, _samples(3))] == first
+    other = Scorer(model, _cfg(tiny, tmp_path, protocol="reference", temperature=5.0, seed=7), torch.device("cpu"), tok)
+    assert [r["answer"] for r in other.score_batch(px, _samples(3))] != first
+    assert batch_seed(0, _samples(1)[0]) == batch_seed(0, {"set": "mmfr", "key": "k0"}) != batch_seed(1, _samples(1)[0])
+
+
+def test_protocol_settings_and_errors(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path, protocol="reference", temperature=0.7, conversation="vicuna_v1")
+    assert cfg.generation() == {"conversation": "vicuna_v1", "temperature": 0.7, "top_p": None, "num_beams": 1,
+                                "max_new_tokens": 6}
+    assert cfg.protocol_record()["deviations"] == {"conversation": "vicuna_v1", "temperature": 0.7,
+                                                   "max_new_tokens": 6}
+    assert cfg.reasoning_sets() == ("mmfr",) and _cfg(tiny, tmp_path).reasoning_sets() == ()
+    for bad, field in (({"protocol": "paper"}, "protocol"), ({"max_per_class": 0}, "max_per_class"),
+                       ({"conversation": "chatml"}, "conversation"), ({"top_p": 0}, "top_p")):
+        with pytest.raises(EvalConfigError, match=field):
+            _cfg(tiny, tmp_path, **bad).validate()
+
+
+def test_sampled_answers_do_not_depend_on_the_number_of_ranks(tiny, tmp_path):
+    """The ranks of a W-rank run, played one after another in this process: with
+    per-batch seeds and batches cut at fixed positions, every world size gives the
+    same sampled answer for every image."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from modeling.image_processing import ImageProcessor
+    from pipeline.evaluation.data import enumerate_items, rank_slice
+    from sharding.tar_writer import TarWriter
+
+    d = tmp_path / "set"
+    d.mkdir()
+    w = TarWriter(str(d / "shard-000000.tar"))
+    for i in range(7):
+        buf = io.BytesIO()
+        Image.new("RGB", (12, 10), (30 * i, 200 - 20 * i, 90)).save(buf, "PNG")
+        w.add(f"k{i}.png", buf.getvalue())
+        w.add(f"k{i}.json", json.dumps({"label": i % 2, "generator": "flux", "reference": "r", "relpath": f"{i}.png",
+                                        "image_ext": "png"}).encode())
+    w.commit()
+    (d / "sizes.json").write_text('{"shard-000000.tar": 7}')
+    cfg = _cfg(tiny, tmp_path, protocol="reference", temperature=5.0, batch_size=2, max_new_tokens=5)
+    model, tok, _ = load_model(cfg)
+    scorer, proc = Scorer(model, cfg, torch.device("cpu"), tok), ImageProcessor(model.config)
+    items = enumerate_items({"mmfr": str(d)})
+    answers = {}
+    for world in (1, 2, 3):
+        rows = []
+        for rank in range(world):
+            torch.manual_seed(rank)  # what each rank's process state could be
+            rows += score_items(scorer, rank_slice(items, rank, world, cfg.batch_size), proc, cfg, False)[0]
+        answers[world] = {r["key"]: r["answer"] for r in rows}
+    assert len(answers[1]) == 7 and answers[1] == answers[2] == answers[3]
+    assert len(set(answers[1].values())) > 1  # really sampled text, not one constant answer
