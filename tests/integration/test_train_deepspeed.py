@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 N = 6
 RECIPE = os.path.join(REPO, "launch", "recipes", "tiny-cpu.yaml")
 LAUNCH_TIMEOUT = 420
-REQUIRED_KEYS = ("train/loss", "train/lm_loss", "train/cpm_loss", "train/cpm_acc", "train/lr",
+REQUIRED_KEYS = ("train/loss", "train/lm_loss", "train/cpm_loss", "train/cpm_acc", "train/cpm_found_frac", "train/lr",
                  "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "memory/rss_gb")
 
 
@@ -110,6 +110,18 @@ def test_uneven_shards_cross_an_epoch_without_hang(runs):
     last = _metrics(runs["A"])[-1]
     assert last["train/epoch"] > 1.0
     assert last["train/samples_seen"] == micro_batches * 4 * 2
+
+
+def test_the_cpm_fires_on_the_real_answer_layout(runs):
+    # The synthetic answers use the real MMFR layout ("<CONCLUSION> This image is
+    # fake. </CONCLUSION>", a minority in other whitespace): every step must find
+    # the CPM position in (nearly) every sample, and the prefix the run resolved
+    # from the data is the one its export carries for evaluation.
+    fracs = [r["train/cpm_found_frac"] for r in _metrics(runs["A"])]
+    assert min(fracs) > 0.9, fracs
+    assert all(r["train/cpm_loss"] > 0 for r in _metrics(runs["A"]))
+    exported = json.loads((runs["A"] / "export" / "merged" / "config.json").read_text())
+    assert exported["model"]["cpm"]["answer_prefix"] == "<CONCLUSION> This image is"
 
 
 def test_wandb_offline_run_has_the_metrics(runs):
