@@ -37,9 +37,9 @@ Determinism and resume
 ----------------------
 Batch b of (epoch, rank) is a pure function of (data.seed, epoch, rank,
 world_size, data.num_workers, data.batch_size, data.shuffle_buffer,
-data.shuffle_shards, data.resampled, data.samples_per_epoch, the shard list and
-its sizes.json counts); decoding and the conversation choice add nothing
-random. Hence:
+data.shuffle_shards, data.resampled, data.samples_per_epoch, the length-grouping
+settings, the shard list and its sizes.json counts); decoding and the
+conversation choice add nothing random. Hence:
 
     make_train_loader(..., epoch=e, start_batch=k)  yields exactly batches k, k+1, ...
     of                  make_train_loader(..., epoch=e, start_batch=0)
@@ -56,6 +56,22 @@ Skipping is cheap: each worker fast-forwards its seeded shard order and
 shuffle buffer over (shard, index) references (integers, no I/O), then reads
 only the samples still in its shuffle buffer (shards holding none of them are
 never opened) and decodes nothing it skips.
+
+Length-grouped batches (data.group_by_length, on by default)
+------------------------------------------------------------
+Each logical worker takes its batches data.group_window at a time (window w:
+its batches w x group_window onwards, in the ungrouped order above), parses
+the json and tokenises the epoch's conversation of those samples (no image is
+decoded for that), sorts them by token length per label, cuts the window into
+batches holding at least data.group_min_label_share of each label with the
+least padding, and emits them in an order shuffled with a seed of (data.seed,
+epoch, rank, logical worker, window). Only samples inside a window move, so the
+batch count of every rank, the samples of each window and of the epoch (each
+once) are those of the ungrouped stream. A resume inside a window
+fast-forwards to the window's start as above and reads (without decoding
+images) the window's earlier samples again, which rebuilds the same cut.
+Bad samples are replaced after the cut, in their batch's slot, with the same
+seeded spares. benchmarks/bench_padding.py measures padding and label balance.
 """
 from .config import DataConfig
 from .shards import ShardSet, discover_shards

@@ -84,6 +84,32 @@ class DataConfig:
     """Right-pad each batch to a multiple of this many tokens (8 helps tensor
     cores); 1 pads to the longest example of the batch."""
 
+    group_by_length: bool = True
+    """Length-grouped batches: each worker takes its samples `group_window`
+    batches at a time, sorts that window by token length (of the conversation
+    the epoch trains on, known before the image is decoded), cuts it into
+    batches and emits them in a seeded random order, so that right padding is
+    small. It permutes samples within a window only: batch counts per rank, the
+    samples of an epoch and exact mid-epoch resume are unchanged. Part of the
+    stream's identity: a run started with another value resumes valid but with
+    other batches (set it false to continue a run started before it existed)."""
+
+    group_window: int = 16
+    """Batches per length-grouping window (per worker). Larger: less padding,
+    more raw samples held (group_window x batch_size per worker, on top of the
+    shuffle buffer), and a resume inside a window reads (without decoding an
+    image) the window's earlier samples again."""
+
+    group_min_label_share: float = 0.375
+    """Least share of each label (real, fake) in every length-grouped batch,
+    rounded down to rows (batch 8: at least 3 of each). Fake and real answers
+    differ in length, so sorting by length alone makes long batches mostly fake
+    and short ones mostly real; within this bound each batch's label counts are
+    chosen to pad least (pipeline/data/plan.py group_window). 0: by length
+    alone; 0.5: even batches. Random batches of 8 average min(real, fake) / 8 =
+    0.36 with 0.8% label-pure; see benchmarks/bench_padding.py for the padding
+    each value costs."""
+
     conversation_choice: str = "random"
     """Which of an image's conversations an epoch trains on: "random" draws one
     with a hash of (seed, epoch, key); "cycle" starts at a seeded offset per
@@ -115,12 +141,17 @@ class DataConfig:
 
         if not isinstance(self.train_shards, str) or not self.train_shards.strip():
             bad("train_shards", "required: a shard directory with sizes.json or a brace pattern")
-        for name in ("batch_size", "prefetch_factor", "max_length", "pad_to_multiple_of"):
+        for name in ("batch_size", "prefetch_factor", "max_length", "pad_to_multiple_of", "group_window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("num_workers", "shuffle_buffer", "bad_check_min_samples", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
+        if not isinstance(self.group_by_length, bool):
+            bad("group_by_length", "must be true or false")
+        share = self.group_min_label_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 0.5:
+            bad("group_min_label_share", "must be a number in [0, 0.5]")
         if self.resampled not in RESAMPLED_MODES:
             bad("resampled", f"must be one of {RESAMPLED_MODES}")
         if self.conversation_choice not in CONVERSATION_POLICIES:

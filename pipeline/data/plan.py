@@ -202,3 +202,81 @@ class RefShuffle:
             self.buffer[k] = self.buffer[-1]
             self.buffer.pop()
         return out
+
+
+# --------------------------------------------------------------------------- length grouping
+#
+# Windows are counted in the logical worker's own batches: window w holds its
+# batches [w x group_window, (w + 1) x group_window), the last one cut at the
+# worker's quota. Grouping only permutes the samples inside a window, so the
+# worker's quota, the set of samples it emits and every rank's batch count are
+# those of the ungrouped stream; a window's permutation is seeded by
+# (seed, epoch, rank, logical worker, window), so a resumed stream rebuilds it.
+
+def window_start(batch: int, window: int) -> int:
+    """First worker batch of the window that holds worker batch `batch`."""
+    return batch // window * window
+
+
+def group_window(lengths: list[int], labels: list[int], batch_size: int, rng: random.Random,
+                 min_label_share: float) -> list[list[int]]:
+    """Cut a window of k x batch_size samples into k batches of similar lengths.
+
+    Returns, for each batch in the order it is emitted, the window indices of
+    its rows. Each label's samples (1: fake; anything else, bad samples too,
+    counts as real) are sorted by (length, window index); batch j takes the next
+    r_j reals and batch_size - r_j fakes of those orders, where every batch
+    holds at least m = floor(min_label_share x batch_size) rows of each label
+    (fewer when the window has fewer than m x k of a label) and the counts r_j
+    minimise the window's padding, sum_j (batch_size x longest_j - lengths),
+    found by dynamic programming over (batches cut, reals used).
+
+    min_label_share 0 is grouping by length alone (the sorted order cut into
+    batches is one of the candidates, so padding is never worse); 0.5 splits
+    every batch evenly, which costs padding when one label's answers are longer
+    (reals padded to fakes); in between, the counts bend where lengths and
+    labels disagree. The batch order and the rows of each batch are then
+    shuffled with `rng`: the cut runs from short to long, with the labels in
+    blocks.
+    """
+    n = len(lengths)
+    if len(labels) != n or n % batch_size:
+        raise ValueError(f"a window of {n} lengths and {len(labels)} labels is not whole batches of {batch_size}")
+    if not 0.0 <= min_label_share <= 0.5:
+        raise ValueError(f"min_label_share={min_label_share} is not in [0, 0.5]")
+    B, k = batch_size, n // batch_size
+    by_length = lambda i: (lengths[i], i)
+    fake = sorted((i for i in range(n) if labels[i] == 1), key=by_length)
+    real = sorted((i for i in range(n) if labels[i] != 1), key=by_length)
+    m = int(min_label_share * B)
+    lo = min(m, len(real) // k)  # reals per batch: lo..hi, so each label gets its share
+    hi = B - min(m, len(fake) // k)
+    # best[j][a]: least sum of batch maxima with j batches cut from the a shortest
+    # reals and the j x B - a shortest fakes; back[j][a]: the reals of batch j - 1.
+    inf = float("inf")
+    best = [[inf] * (len(real) + 1) for _ in range(k + 1)]
+    back = [[0] * (len(real) + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for j in range(k):
+        for a, cost in enumerate(best[j]):
+            if cost == inf:
+                continue
+            b = j * B - a
+            for r in range(lo, hi + 1):
+                a2, b2 = a + r, b + B - r
+                if a2 > len(real) or b2 > len(fake):
+                    continue
+                longest = max(lengths[real[a2 - 1]] if r else 0, lengths[fake[b2 - 1]] if r < B else 0)
+                if cost + longest < best[j + 1][a2]:
+                    best[j + 1][a2], back[j + 1][a2] = cost + longest, r
+    batches: list[list[int]] = []
+    a = len(real)
+    for j in range(k, 0, -1):
+        r = back[j][a]
+        b = j * B - a
+        batches.append(real[a - r:a] + fake[b - (B - r):b])
+        a -= r
+    rng.shuffle(batches)
+    for rows in batches:
+        rng.shuffle(rows)
+    return batches

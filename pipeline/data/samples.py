@@ -76,10 +76,28 @@ def question_answer(conversation: Any) -> tuple[str, str]:
     return question.replace("<image>", "").strip(), answer
 
 
-def preprocess(raw: RawSample, *, tokenizer, image_processor, build_example: Callable,
-               seed: int, epoch: int, policy: str, max_length: int,
-               overlong: str = "truncate") -> Example:
-    """Decode, preprocess and tokenise one sample; raise BadSample with the reason."""
+@dataclass
+class TextPart:
+    """The json half of a sample, prepared before its image is decoded: what
+    length-grouped batching sorts by (pipeline/data/plan.py group_window)."""
+
+    label: int
+    choice: int  # index of the conversation trained on (choose_conversation)
+    example: Any  # modeling.template.TrainingExample of that conversation
+
+    @property
+    def length(self) -> int:
+        """Token ids of the example, the <image> placeholder counted as one."""
+        return len(self.example.input_ids)
+
+
+def prepare_text(raw: RawSample, *, tokenizer, build_example: Callable, seed: int, epoch: int,
+                 policy: str, max_length: int, overlong: str = "truncate") -> TextPart:
+    """Parse the json, pick the epoch's conversation and tokenise it; raise BadSample.
+
+    Reads no image byte, so the stream can learn a sample's length (to group
+    batches by it) before paying for the decode.
+    """
     if raw.error is not None:
         raise BadSample(raw.error)
     if "json" not in raw.members:
@@ -98,7 +116,33 @@ def preprocess(raw: RawSample, *, tokenizer, image_processor, build_example: Cal
         raise BadSample("no conversation in json")
     choice = choose_conversation(len(conversations), seed, epoch, raw.key, policy)
     question, answer = question_answer(conversations[choice])
+    try:
+        if overlong == "truncate":
+            ex = build_example(tokenizer, question, answer, max_length=max_length)
+        else:
+            ex = build_example(tokenizer, question, answer)
+    except Exception as e:  # noqa: BLE001 - PromptTooLongError included
+        raise BadSample(f"template failed: {type(e).__name__}: {e}") from None
+    if len(ex.input_ids) != len(ex.labels):
+        raise BadSample(f"template gave {len(ex.input_ids)} ids but {len(ex.labels)} labels")
+    if len(ex.input_ids) > max_length:
+        raise BadSample(f"{len(ex.input_ids)} tokens > data.max_length={max_length} (data.overlong={overlong})")
+    return TextPart(int(label), choice, ex)
 
+
+def preprocess(raw: RawSample, *, tokenizer, image_processor, build_example: Callable,
+               seed: int, epoch: int, policy: str, max_length: int,
+               overlong: str = "truncate", text: TextPart | BadSample | None = None) -> Example:
+    """Decode, preprocess and tokenise one sample; raise BadSample with the reason.
+
+    text: the sample's `prepare_text` result (or the BadSample it raised) when
+    the stream already computed it to sort by length; None computes it here.
+    """
+    if isinstance(text, BadSample):
+        raise text
+    if text is None:
+        text = prepare_text(raw, tokenizer=tokenizer, build_example=build_example, seed=seed, epoch=epoch,
+                            policy=policy, max_length=max_length, overlong=overlong)
     image_ext = [ext for ext in raw.members if ext.lower() in IMAGE_EXTENSIONS]
     if len(image_ext) != 1:
         raise BadSample(f"expected one image member, found {image_ext or sorted(raw.members)}")
@@ -111,20 +155,9 @@ def preprocess(raw: RawSample, *, tokenizer, image_processor, build_example: Cal
         pixel_values = image_processor(image)
     except Exception as e:  # noqa: BLE001
         raise BadSample(f"image processor failed: {type(e).__name__}: {e}") from None
-
-    try:
-        if overlong == "truncate":
-            ex = build_example(tokenizer, question, answer, max_length=max_length)
-        else:
-            ex = build_example(tokenizer, question, answer)
-    except Exception as e:  # noqa: BLE001 - PromptTooLongError included
-        raise BadSample(f"template failed: {type(e).__name__}: {e}") from None
-    if len(ex.input_ids) != len(ex.labels):
-        raise BadSample(f"template gave {len(ex.input_ids)} ids but {len(ex.labels)} labels")
-    if len(ex.input_ids) > max_length:
-        raise BadSample(f"{len(ex.input_ids)} tokens > data.max_length={max_length} (data.overlong={overlong})")
+    ex = text.example
     return Example(raw.key, raw.shard, pixel_values, list(ex.input_ids), list(ex.labels),
-                   int(ex.image_position), int(label), choice, int(getattr(ex, "truncated_tokens", 0)))
+                   int(ex.image_position), text.label, text.choice, int(getattr(ex, "truncated_tokens", 0)))
 
 
 def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:

@@ -6,8 +6,10 @@ choice seeded and rank/world passed in explicitly):
   epoch shard order (seed, epoch)  -> split_by_node(rank, world)
   -> split_by_worker(worker, W)    (or seeded resampling of all shards)
   -> sample references, endless    -> seeded shuffle buffer
-  -> read bytes (tar)              -> decode + preprocess + tokenise
-  -> batch of batch_size + collate -> stop after the worker's quota (with_epoch)
+  -> read bytes (tar)              -> batch-sized slots
+  -> [data.group_by_length: json + tokenise a window of data.group_window slots,
+      sort it by token length, re-cut its batches, seeded batch order]
+  -> decode + preprocess + tokenise -> collate -> stop after the worker's quota
 
 The stage order lives in `wds.DataPipeline`; the first two stages work on
 (shard, index) references only (pipeline/data/plan.py), so skipping the first
@@ -27,14 +29,18 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
-from .plan import (RefShuffle, WorkerId, batches_per_rank, input_refs, logical_worker,
-                   seeded_rng, shard_visits, use_resampled, worker_batch_count,
+from .plan import (RefShuffle, WorkerId, batches_per_rank, group_window, input_refs, logical_worker,
+                   seeded_rng, shard_visits, use_resampled, window_start, worker_batch_count,
                    worker_shards, worker_skip, Ref)
 from .reader import RawSample, ShardCursor
-from .samples import BadSample, Example, collate, preprocess
+from .samples import BadSample, Example, TextPart, collate, prepare_text, preprocess
 from .shards import ShardSet, discover_shards
 
 log = logging.getLogger("pipeline.data")
+
+# One row of a slot: the raw sample and, when length grouping already parsed
+# its json, the prepare_text result (or the BadSample it raised).
+Pending = tuple[RawSample, "TextPart | BadSample | None"]
 
 _LOG_FIRST = 5
 
@@ -137,13 +143,24 @@ class ShardStream(IterableDataset):
         """The stage chain of one logical worker (usable without a DataLoader)."""
         quota = worker_batch_count(self.batches_per_epoch, who.worker, who.num_workers)
         skip = worker_skip(self.start_batch, who.worker, who.num_workers)
+        if not self.cfg.group_by_length:
+            return wds.DataPipeline(
+                lambda: self._raw_slots(who, skip, quota),
+                lambda slots: ([(raw, None) for raw in slot] for slot in slots),
+                lambda slots: self._batches(slots, who, skip),
+            )
+        # A resume inside a window reads the window from its start: its earlier
+        # batches' samples are needed to cut its later batches.
+        first = window_start(skip, self.cfg.group_window)
         return wds.DataPipeline(
-            lambda: self._raw_slots(who, skip, quota),
+            lambda: self._raw_slots(who, first, quota),
+            lambda slots: self._grouped(slots, who, first, skip, quota),
             lambda slots: self._batches(slots, who, skip),
         )
 
     def _raw_slots(self, who: WorkerId, skip: int, quota: int) -> Iterator[list[RawSample]]:
-        """Batch-sized lists of raw samples for the worker's batches skip..quota-1."""
+        """Batch-sized lists of raw samples for the worker's batches skip..quota-1
+        (in ungrouped order: slot j holds what batch j would hold ungrouped)."""
         cfg, B = self.cfg, self.cfg.batch_size
         visits = shard_visits(len(self.shards), cfg.seed, self.epoch, cfg.shuffle_shards,
                               self.resampled, who)
@@ -165,19 +182,49 @@ class ShardStream(IterableDataset):
         finally:
             cursor.close()
 
-    def _batches(self, slots: Iterator[list[RawSample]], who: WorkerId, skip: int) -> Iterator[dict]:
+    def _grouped(self, slots: Iterator[list[RawSample]], who: WorkerId, first: int, skip: int,
+                 quota: int) -> Iterator[list[Pending]]:
+        """Re-cut the slots of each window by token length (plan.group_window);
+        yields the worker's batches skip..quota-1, whose samples are the
+        window's samples, each once.
+
+        `slots` starts at worker batch `first`, the start of skip's window. Only
+        the json of a sample is parsed here (to know its length); images are
+        decoded in _batches for the batches actually emitted, so the batches of
+        a partial window before `skip` cost reading and tokenising only.
+        """
+        cfg, B, K = self.cfg, self.cfg.batch_size, self.cfg.group_window
+        for start in range(first, quota, K):
+            end = min(start + K, quota)
+            rows: list[Pending] = []
+            for _ in range(start, end):
+                for raw in next(slots):
+                    try:
+                        rows.append((raw, self._text(raw)))
+                    except BadSample as e:  # counted when its batch is built, like any bad sample
+                        rows.append((raw, e))
+            # A bad row sorts first among the reals; its spare keeps its own length and label.
+            lengths = [t.length if isinstance(t, TextPart) else 0 for _, t in rows]
+            labels = [t.label if isinstance(t, TextPart) else -1 for _, t in rows]
+            rng = seeded_rng("group", cfg.seed, self.epoch, who.rank, who.worker, start // K)
+            order = group_window(lengths, labels, B, rng, float(cfg.group_min_label_share))
+            for j, idx in enumerate(order, start=start):
+                if j >= skip:
+                    yield [rows[i] for i in idx]
+
+    def _batches(self, slots: Iterator[list[Pending]], who: WorkerId, skip: int) -> Iterator[dict]:
         where = f"rank {who.rank} worker {who.worker} epoch {self.epoch}"
         budget = BadSampleBudget(self.cfg, where)
         pad_id = self.tokenizer.pad_token_id
         for j, slot in enumerate(slots, start=skip):
             examples: list[Example] = []
             reasons: list[str] = []
-            for i, sample in enumerate(slot):
+            for i, (sample, text) in enumerate(slot):
                 attempt = 0
                 tried: list[tuple[int, int]] = []  # (shard, index) that failed for this slot
                 while True:
                     try:
-                        examples.append(self._preprocess(sample))
+                        examples.append(self._preprocess(sample, text))
                         budget.ok()
                         break
                     except BadSample as e:
@@ -187,19 +234,25 @@ class ShardStream(IterableDataset):
                         # data.bad_check_min_samples) of them.
                         reasons.append(budget.record(sample.key, sample.shard, str(e)))
                     tried.append((sample.ref.shard, sample.ref.index))
-                    sample = self._spare(who, j, i, attempt, tried)
+                    sample, text = self._spare(who, j, i, attempt, tried), None
                     attempt += 1
             batch = collate(examples, pad_id, self.cfg.pad_to_multiple_of)
             batch.update(bad_samples=len(reasons), bad_reasons=reasons, epoch=self.epoch,
                          batch_index=j * who.num_workers + who.worker, rank=who.rank, worker=who.worker)
             yield batch
 
-    def _preprocess(self, sample: RawSample) -> Example:
+    def _text(self, sample: RawSample) -> TextPart:
+        cfg = self.cfg
+        return prepare_text(sample, tokenizer=self.tokenizer, build_example=self.build_example, seed=cfg.seed,
+                            epoch=self.epoch, policy=cfg.conversation_choice, max_length=cfg.max_length,
+                            overlong=cfg.overlong)
+
+    def _preprocess(self, sample: RawSample, text: TextPart | BadSample | None = None) -> Example:
         cfg = self.cfg
         return preprocess(sample, tokenizer=self.tokenizer, image_processor=self.image_processor,
                           build_example=self.build_example, seed=cfg.seed, epoch=self.epoch,
                           policy=cfg.conversation_choice, max_length=cfg.max_length,
-                          overlong=cfg.overlong)
+                          overlong=cfg.overlong, text=text)
 
     def _spare(self, who: WorkerId, batch: int, slot: int, attempt: int,
                tried: list[tuple[int, int]]) -> RawSample:
@@ -277,9 +330,14 @@ def batches_per_epoch(cfg: DataConfig, world_size: int, shard_set: ShardSet | No
 
 def stream_identity(cfg: DataConfig, world_size: int, shard_set: ShardSet | None = None) -> dict[str, Any]:
     """Everything besides (epoch, start_batch) that fixes the batches; store it in a
-    checkpoint and compare on resume to know whether the continuation is exact."""
+    checkpoint and compare on resume to know whether the continuation is exact.
+
+    "length_grouping" is present only when data.group_by_length is on, so a run
+    without grouping has the identity that checkpoints written before grouping
+    existed recorded: resuming one of those with data.group_by_length=false is
+    exact, and with grouping on it is reported as a different stream."""
     shards = shard_set if shard_set is not None else discover_shards(cfg.train_shards, cfg.sizes_file)
-    return {
+    identity = {
         "seed": cfg.seed,
         "world_size": world_size,
         "num_workers": max(cfg.num_workers, 1),
@@ -292,3 +350,7 @@ def stream_identity(cfg: DataConfig, world_size: int, shard_set: ShardSet | None
         "shards": [os.path.basename(u) for u in shards.urls],
         "counts": list(shards.counts),
     }
+    if cfg.group_by_length:
+        identity["length_grouping"] = {"window": cfg.group_window,
+                                       "min_label_share": float(cfg.group_min_label_share)}
+    return identity

@@ -18,9 +18,11 @@ from sharding.schema import FAKE_CONCLUSION, REAL_CONCLUSION, SCHEMA_VERSION, sa
 QUESTION = "<image>\nIs this image real or fake?"
 
 
-def answer(label: int, variant: int) -> str:
+def answer(label: int, variant: int, extra: int = 0) -> str:
+    """The gpt turn; `extra` filler words lengthen the reasoning (length-grouping tests)."""
     verdict = FAKE_CONCLUSION if label else REAL_CONCLUSION
-    return f"<REASONING>variant {variant} of the reasoning.</REASONING> <CONCLUSION>{verdict}</CONCLUSION>"
+    filler = " with detail" * extra
+    return f"<REASONING>variant {variant} of the reasoning{filler}.</REASONING> <CONCLUSION>{verdict}</CONCLUSION>"
 
 
 def image_bytes(i: int, ext: str = "png", size=(20, 12)) -> bytes:
@@ -30,8 +32,8 @@ def image_bytes(i: int, ext: str = "png", size=(20, 12)) -> bytes:
     return buf.getvalue()
 
 
-def metadata(relpath: str, label: int, n_conv: int) -> dict:
-    convs = [[{"from": "human", "value": QUESTION}, {"from": "gpt", "value": answer(label, v)}]
+def metadata(relpath: str, label: int, n_conv: int, extra=lambda variant: 0) -> dict:
+    convs = [[{"from": "human", "value": QUESTION}, {"from": "gpt", "value": answer(label, v, extra(v))}]
              for v in range(n_conv)]
     return {"relpath": relpath, "source": "diffusiondb" if label else "laion", "split": "train",
             "label": label, "generator": "diffusiondb" if label else "laion", "conversations": convs,
@@ -46,9 +48,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(root, sizes: list[int], n_conv: int = 3, bad: dict | None = None) -> str:
+def write_shards(root, sizes: list[int], n_conv: int = 3, bad: dict | None = None, extra_words=None) -> str:
     """Write shards of the given sample counts; `bad` maps a global sample number to
-    "image" (garbage bytes), "json" (invalid json) or "noconv" (empty list)."""
+    "image" (garbage bytes), "json" (invalid json) or "noconv" (empty list);
+    `extra_words(n, label, variant)` gives sample n's answers that many filler
+    words (label: n % 2, 1 fake), so answer lengths vary; None: none."""
     bad = bad or {}
     os.makedirs(root, exist_ok=True)
     n = 0
@@ -59,7 +63,8 @@ def write_shards(root, sizes: list[int], n_conv: int = 3, bad: dict | None = Non
             for _ in range(count):
                 relpath = f"{'diffusiondb/p' if n % 2 else 'laion/0'}/img{n:05d}.png"
                 key = sample_key(relpath)
-                meta = metadata(relpath, n % 2, n_conv)
+                meta = metadata(relpath, n % 2, n_conv,
+                                (lambda v, n=n: extra_words(n, n % 2, v)) if extra_words else (lambda v: 0))
                 img = image_bytes(n)
                 js = json.dumps(meta).encode()
                 if bad.get(n) == "image":
@@ -82,7 +87,7 @@ def write_shards(root, sizes: list[int], n_conv: int = 3, bad: dict | None = Non
 def tokenizer(tmp_path_factory):
     from modeling.tokenizer import build_bpe_tokenizer
 
-    corpus = [QUESTION.replace("<image>\n", "")] + [answer(l, v) for l in (0, 1) for v in range(4)]
+    corpus = [QUESTION.replace("<image>\n", "")] + [answer(l, v, e) for l in (0, 1) for v in range(4) for e in (0, 3)]
     return build_bpe_tokenizer(corpus * 20, tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 

@@ -9,6 +9,8 @@ from pipeline.data import DataConfig, discover_shards
 @pytest.mark.parametrize("field,value", [
     ("batch_size", 0), ("num_workers", -1), ("resampled", "maybe"), ("conversation_choice", "best"),
     ("max_bad_fraction", 1.5), ("samples_per_epoch", 0), ("overlong", "wrap"), ("train_shards", ""),
+    ("group_window", 0), ("group_by_length", "yes"), ("group_min_label_share", 0.6),
+    ("group_min_label_share", True), ("group_min_label_share", "half"),
 ])
 def test_validate_names_the_field(field, value):
     cfg = DataConfig(train_shards="/x")

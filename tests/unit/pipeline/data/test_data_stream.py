@@ -68,9 +68,11 @@ def test_resampled_mode_when_shards_are_fewer_than_readers(tmp_path, shard_write
     same_batches(per_rank[1], batches(cfg, tokenizer, image_processor, rank=1, world=2))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_at_any_batch_continues_the_same_stream(shards, tokenizer, image_processor, num_workers):
-    cfg = DataConfig(train_shards=shards, batch_size=2, num_workers=num_workers, shuffle_buffer=6, seed=1)
+def test_resume_at_any_batch_continues_the_same_stream(shards, tokenizer, image_processor, num_workers, grouped):
+    cfg = DataConfig(train_shards=shards, batch_size=2, num_workers=num_workers, shuffle_buffer=6, seed=1,
+                     group_by_length=grouped)
     full = batches(cfg, tokenizer, image_processor, rank=1, world=2, epoch=2)
     assert len(full) == 7
     for start in (1, 2, 5, 7):
@@ -82,8 +84,14 @@ def test_resume_at_any_batch_continues_the_same_stream(shards, tokenizer, image_
         make_train_loader(cfg, tokenizer, image_processor, rank=1, world_size=2, epoch=2, start_batch=8)
 
 
-def test_resume_skips_without_decoding_and_opens_few_shards(tmp_path, shard_writer, tokenizer,
-                                                          image_processor, monkeypatch):
+@pytest.mark.parametrize("grouping,max_opened", [
+    (dict(group_by_length=False), 3),  # the buffer's shard(s) and the last one, not the 10 skipped
+    # batch 15 is in the window of batches 12..15: its 8 samples are read again (one
+    # shard more), so that batch 15 is cut as before, but only batches 15..17 are decoded
+    (dict(group_by_length=True, group_window=4), 4),
+])
+def test_resume_skips_without_decoding_and_opens_few_shards(tmp_path, shard_writer, tokenizer, image_processor,
+                                                          monkeypatch, grouping, max_opened):
     root = shard_writer(tmp_path / "many", [3] * 12)
     decoded, opened = [], []
 
@@ -99,14 +107,14 @@ def test_resume_skips_without_decoding_and_opens_few_shards(tmp_path, shard_writ
             super().__init__(url)
 
     monkeypatch.setattr(reader_mod, "_ShardReader", CountingReader)
-    cfg = DataConfig(train_shards=root, batch_size=2, num_workers=0, shuffle_buffer=2)
+    cfg = DataConfig(train_shards=root, batch_size=2, num_workers=0, shuffle_buffer=2, **grouping)
     full = batches(cfg, tokenizer, counting_processor)
     assert len(decoded) == 36 and len(opened) == 12
     decoded.clear(), opened.clear()
     rest = batches(cfg, tokenizer, counting_processor, start=15)
     same_batches(rest, full[15:])
     assert len(decoded) == 6  # only the 3 remaining batches
-    assert len(opened) <= 3  # the buffer's shard(s) and the last one, not the 10 skipped
+    assert len(opened) <= max_opened
 
 
 @pytest.mark.parametrize("policy", ["random", "cycle", "first"])
