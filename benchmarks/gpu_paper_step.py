@@ -9,7 +9,8 @@ needed), feeds a synthetic micro-batch (default 8) of full training sequences
 forward+backward (no optimizer step) for each attention backend, applied to the
 two towers and the LLM. Prints JSON: per backend the median step time, the peak
 GPU memory and the loss; with --out also writes it to a file (e.g. under
-benchmarks/results/).
+benchmarks/results/). benchmarks/gpu_check.sh builds on these pieces (MFU,
+flash-attn when it imports, generation speed).
 """
 from __future__ import annotations
 
@@ -30,11 +31,19 @@ from modeling.config import ModelConfig  # noqa: E402
 from modeling.model import FakeReasoningModel  # noqa: E402
 from modeling.template import build_training_example  # noqa: E402
 from modeling.tokenizer import build_bpe_tokenizer, demo_corpus  # noqa: E402
+from modeling.vision import torch_dtype  # noqa: E402
 
 QUESTION = ("Is this image real or fake? Please describe the image, reasoning step-by-step and "
             "conclude with 'this image is real' or 'this image is fake'.")
 SENTENCE = ("The lighting on the left side of the face does not match the shadows cast by the "
             "window, and the texture of the hair blends unnaturally into the background. ")
+
+
+def make_tokenizer():
+    """A small BPE tokenizer of the benchmark texts (the LLM's vocabulary size comes
+    from the preset; a random-init model's speed does not depend on the words)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_bpe_tokenizer(demo_corpus([SENTENCE], [QUESTION]), tmp, vocab_size=600)
 
 
 def synthetic_batch(tok, cfg: ModelConfig, batch_size: int, text_len: int, device):
@@ -56,23 +65,33 @@ def synthetic_batch(tok, cfg: ModelConfig, batch_size: int, text_len: int, devic
                 forgery_labels=torch.ones(batch_size, dtype=torch.long, device=device))
 
 
-def run_variant(cfg: ModelConfig, tok, attn: str, args, device) -> dict:
+def build_variant(cfg: ModelConfig, tok, attn: str, device, grad_ckpt: bool,
+                  cast_dtype: bool = False) -> tuple[FakeReasoningModel, float]:
+    """The model with `attn` on both towers and the LLM, built on `device` (random
+    weights); returns it and the seconds the build took. cast_dtype: every
+    parameter in cfg.dtype, LoRA adapters included, as DeepSpeed's bf16/fp16
+    mode holds them (peft alone keeps the adapters in float32)."""
     for part in (cfg.clip, cfg.dino, cfg.llm):
         part.attn_implementation = attn
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(device):
         model = FakeReasoningModel.from_config(cfg, tok)
-    build_s = time.perf_counter() - t0
-    if args.grad_ckpt:
+    if cast_dtype:
+        model.to(torch_dtype(cfg.dtype))
+    if grad_ckpt:
         model.enable_gradient_checkpointing()
-    model.train()
-    batch = synthetic_batch(tok, cfg, args.batch_size, args.text_len, device)
-    seq_len = batch["input_ids"].shape[1] - 1 + cfg.num_image_tokens
-    times, loss = [], None
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for step in range(args.warmup + args.steps):
+        torch.cuda.synchronize(device)
+    return model, time.perf_counter() - t0
+
+
+def time_train_steps(model, batch: dict, warmup: int, steps: int, device) -> tuple[list[float], float]:
+    """Seconds of each timed forward+backward (no optimizer step) after `warmup`
+    untimed ones, and the last loss."""
+    model.train()
+    times, loss = [], float("nan")
+    for step in range(warmup + steps):
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -81,9 +100,27 @@ def run_variant(cfg: ModelConfig, tok, attn: str, args, device) -> dict:
         out.loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if step >= args.warmup:
+        if step >= warmup:
             times.append(time.perf_counter() - t)
         loss = float(out.loss.detach())
+        del out
+    model.zero_grad(set_to_none=True)
+    return times, loss
+
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(cfg: ModelConfig, tok, attn: str, args, device) -> dict:
+    model, build_s = build_variant(cfg, tok, attn, device, args.grad_ckpt)
+    batch = synthetic_batch(tok, cfg, args.batch_size, args.text_len, device)
+    seq_len = batch["input_ids"].shape[1] - 1 + cfg.num_image_tokens
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = time_train_steps(model, batch, args.warmup, args.steps, device)
     result = {
         "attn_implementation": attn,
         "build_s": round(build_s, 2),
@@ -95,10 +132,8 @@ def run_variant(cfg: ModelConfig, tok, attn: str, args, device) -> dict:
         "peak_mem_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                          if device.type == "cuda" else None),
     }
-    del model, out, batch
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del model, batch
+    free(device)
     return result
 
 
@@ -132,8 +167,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     args.text_len = args.text_len or (1400 if args.preset == "paper" else 64)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = build_bpe_tokenizer(demo_corpus([SENTENCE], [QUESTION]), tmp, vocab_size=600)
+    tok = make_tokenizer()
     report = {
         "preset": args.preset, "device": (torch.cuda.get_device_name(device)
                                           if device.type == "cuda" else "cpu"),

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from modeling.config import ModelConfig
+from modeling.flops import PEAK_TFLOPS
 from pipeline.data.config import DataConfig
 
 
@@ -174,6 +175,25 @@ class CpmCheckConfig:
     step without one is also logged as a warning with the batch's sample keys."""
 
 
+@dataclass
+class PerfConfig:
+    """Model FLOPs utilisation (perf/mfu): the peak one device could deliver.
+
+    perf/mfu = model FLOPs of the step's real tokens (modeling.flops) /
+    (step time x ranks x peak). Without a peak (CPU, an unknown GPU) perf/mfu is
+    not logged; perf/model_tflops_per_s (achieved, per rank) always is."""
+
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device in the training precision; null takes
+    it from `gpu`. Set it for a GPU the table lacks or a precision it does not
+    describe (the table is bf16/fp16 tensor cores; fp32 runs are lower)."""
+    gpu: str = "auto"
+    """Which entry of modeling.flops.PEAK_TFLOPS gives the peak when
+    peak_tflops is null: "auto" matches torch.cuda.get_device_name() of the
+    rank's device against the table (no CUDA device or no match: no perf/mfu,
+    with a log line saying why), or a table key such as "H100" or "A100"."""
+
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -206,6 +226,8 @@ class TrainConfig:
     """Tracking."""
     cpm_check: CpmCheckConfig = field(default_factory=CpmCheckConfig)
     """Start-up and per-step checks that the CPM finds its position."""
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Peak FLOP/s of a device, for the model FLOPs utilisation (perf/mfu)."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss: stop naming the step and batch keys, or skip the micro-batch."""
     distributed_timeout_s: float = 1800.0
@@ -449,6 +471,11 @@ def _check_train(c: TrainConfig) -> None:
         bad("cpm_check.prefix_samples", f"must be >= 1, got {c.cpm_check.prefix_samples}")
     if c.cpm_check.abort_after_steps < 0:
         bad("cpm_check.abort_after_steps", f"must be >= 0 (0 disables), got {c.cpm_check.abort_after_steps}")
+    if c.perf.peak_tflops is not None and not (c.perf.peak_tflops > 0 and math.isfinite(c.perf.peak_tflops)):
+        bad("perf.peak_tflops", f"must be a finite number of TFLOP/s > 0 or null, got {c.perf.peak_tflops}")
+    if c.perf.gpu != "auto" and c.perf.gpu not in PEAK_TFLOPS:
+        bad("perf.gpu", f"{c.perf.gpu!r} is not 'auto' or a known GPU {sorted(PEAK_TFLOPS)} "
+            f"(or set perf.peak_tflops)")
     if c.wandb.init_timeout <= 0:
         bad("wandb.init_timeout", f"must be > 0, got {c.wandb.init_timeout}")
     if c.tokenizer.path is None and c.tokenizer.vocab_size < 300:

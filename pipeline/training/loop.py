@@ -8,6 +8,19 @@ After every optimizer step `log_step` reports and `should_checkpoint` decides
 on a save. Dropout is seeded from (seed, rank, step, micro-batch) at every
 micro-batch, so a resumed run draws the same masks as an uninterrupted one
 without any RNG state in the checkpoint.
+
+Throughput metrics of a step (perf/*), besides samples and tokens per second:
+- perf/model_tflops_per_s: model FLOPs of the step's real positions
+  (modeling.flops: forward and backward, no recomputation, padding excluded)
+  per second and per rank; perf/mfu: that over the device's peak
+  (`perf.peak_tflops` / the known-GPU table; not logged when no peak is known,
+  e.g. on CPU, rather than logged as NaN).
+- perf/padding_frac: padded LLM positions / all LLM positions of the step's
+  batches (the image placeholder counted as the image tokens it becomes).
+- perf/data_wait_frac: time spent waiting for the loader to yield the step's
+  micro-batches (from the end of the previous micro-step, or from opening the
+  loader), summed over the micro-batches, averaged over ranks (the all-reduce
+  is a sum) and divided by the step time.
 """
 from __future__ import annotations
 
@@ -22,15 +35,19 @@ from typing import Any, Callable
 
 import torch
 
+from modeling.flops import PEAK_TFLOPS, StepFlops
+from modeling.flops import peak_tflops as peak_tflops_for
 from pipeline import distributed as dist
 from pipeline.training.checkpointing import TrainState
 
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels", "forgery_labels")
-# Layout of the per-micro-batch all-reduced statistics.
-_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE, _FOUND = range(9)
-_NUM_STATS = 9
+# Layout of the per-micro-batch all-reduced statistics. _TOKENS: real LLM
+# positions (sum of L_i), _TOKENS_SQ: sum of L_i^2 (attention FLOPs),
+# _POSITIONS: LLM positions with padding, _WAIT: seconds waiting for the loader.
+_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE, _FOUND, _TOKENS_SQ, _POSITIONS, _WAIT = range(12)
+_NUM_STATS = 12
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,8 +126,10 @@ def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[
     return out
 
 
-def micro_stats(out: Any, batch: dict, world_size: int, image_tokens: int) -> torch.Tensor:
-    """This rank's statistics of one micro-batch (all-reduced by the caller)."""
+def micro_stats(out: Any, batch: dict, world_size: int, image_tokens: int,
+                data_wait_s: float = 0.0) -> torch.Tensor:
+    """This rank's statistics of one micro-batch (all-reduced by the caller);
+    data_wait_s: how long this rank waited for the loader to yield it."""
     s = torch.zeros(_NUM_STATS, dtype=torch.float64)
     loss = out.loss.detach().float()
     finite = bool(torch.isfinite(loss))
@@ -130,14 +149,18 @@ def micro_stats(out: Any, batch: dict, world_size: int, image_tokens: int) -> to
     n = batch["input_ids"].shape[0]
     s[_N] = n
     # LLM positions: text tokens plus the image tokens that replace the placeholder.
-    s[_TOKENS] = float(batch["attention_mask"].sum()) + n * (image_tokens - 1)
+    lengths = batch["attention_mask"].sum(dim=1).double() + (image_tokens - 1)
+    s[_TOKENS] = float(lengths.sum())
+    s[_TOKENS_SQ] = float((lengths * lengths).sum())
+    s[_POSITIONS] = float(n * (batch["input_ids"].shape[1] + image_tokens - 1))
+    s[_WAIT] = data_wait_s
     s[_BAD] = float(batch.get("bad_samples", 0) or 0)
     return s
 
 
 def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulator, *, rank: int,
                       world_size: int, seed: int, policy: str, dtype: torch.dtype,
-                      image_tokens: int) -> bool:
+                      image_tokens: int, data_wait_s: float = 0.0) -> bool:
     """One micro-batch. Returns True when it completed an optimizer step.
 
     The finite check is agreed on by all ranks (one all-reduce that also
@@ -146,7 +169,7 @@ def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulat
     """
     torch.manual_seed(step_seed(seed, rank, state.global_step, acc.micro))
     out = engine(**model_inputs(batch, dist.device(), dtype))
-    stats = dist.all_reduce_sum(micro_stats(out, batch, world_size, image_tokens))
+    stats = dist.all_reduce_sum(micro_stats(out, batch, world_size, image_tokens, data_wait_s))
     if stats[_NONFINITE] > 0:
         keys = dist.all_gather_objects(list(batch.get("keys", [])))
         where = (f"non-finite loss at optimizer step {state.global_step + 1} (micro-batch {acc.micro}, "
@@ -174,7 +197,10 @@ def should_checkpoint(step: int, every: int, total: int) -> bool:
 
 
 def step_metrics(engine, acc: StepAccumulator, state: TrainState, batches_per_epoch: int,
-                 world_size: int) -> dict[str, float]:
+                 world_size: int, flops: StepFlops | None = None,
+                 peak_flops: float | None = None) -> dict[str, float]:
+    """The step's metrics. flops: the model's FLOPs coefficients (perf/model_tflops_per_s
+    and, with peak_flops, the FLOP/s of one device, perf/mfu)."""
     s = acc.sums
     elapsed = max(time.perf_counter() - acc.started, 1e-9)
     ranks_micro = max(acc.micro * world_size, 1)
@@ -194,7 +220,14 @@ def step_metrics(engine, acc: StepAccumulator, state: TrainState, batches_per_ep
         "perf/samples_per_s": s[_N].item() / elapsed,
         "perf/tokens_per_s": s[_TOKENS].item() / elapsed,
         "perf/step_time_s": elapsed,
+        "perf/padding_frac": 1.0 - s[_TOKENS].item() / max(s[_POSITIONS].item(), 1.0),
+        "perf/data_wait_frac": s[_WAIT].item() / world_size / elapsed,
     }
+    if flops is not None:
+        per_rank = flops.train_flops(s[_N].item(), s[_TOKENS].item(), s[_TOKENS_SQ].item()) / world_size / elapsed
+        m["perf/model_tflops_per_s"] = per_rank / 1e12
+        if peak_flops:
+            m["perf/mfu"] = per_rank / peak_flops
     if len(lrs) > 1:
         m["train/lr_max_group"] = max(lrs)
     gn = dist.global_grad_norm(engine)
@@ -227,10 +260,17 @@ def log_step(metrics: dict[str, float], step: int, total: int, tracker, metrics_
         with open(metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
     if progress is not None:
+        # Postfix first: update() redraws, so the bar shows this step's figures.
+        progress.set_postfix_str(progress_line(metrics), refresh=False)
         progress.update(1)
-        progress.set_postfix_str(
-            f"loss {metrics['train/loss']:.3f} cpm_acc {metrics['train/cpm_acc']:.2f} "
-            f"lr {metrics['train/lr']:.2e} {metrics['perf/samples_per_s']:.1f} samples/s", refresh=False)
+
+
+def progress_line(metrics: dict[str, float]) -> str:
+    """The tqdm postfix: loss, CPM accuracy, lr, throughput, MFU (when known), padding, loader wait."""
+    mfu = f" mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
+    return (f"loss {metrics['train/loss']:.3f} cpm_acc {metrics['train/cpm_acc']:.2f} "
+            f"lr {metrics['train/lr']:.2e} {metrics['perf/samples_per_s']:.1f} samples/s{mfu} "
+            f"pad {metrics.get('perf/padding_frac', 0.0):.0%} wait {metrics.get('perf/data_wait_frac', 0.0):.0%}")
 
 
 @dataclass
@@ -257,6 +297,10 @@ class LoopContext:
     """Leave the loop at this step (<= total_steps) without changing the schedule."""
     cpm_watch: CpmWatch | None = None
     """Per-step check that the CPM finds its position (None: no check)."""
+    flops: StepFlops | None = None
+    """The model's training FLOPs (modeling.flops.step_flops); None: no FLOPs metrics."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device (device_peak_flops); None: perf/mfu is not logged."""
 
     @property
     def end_step(self) -> int:
@@ -270,18 +314,20 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
     while state.global_step < ctx.end_step:
         if state.batch_in_epoch >= ctx.batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        for batch in ctx.make_loader(state.epoch, state.batch_in_epoch):
+        opened = time.perf_counter()
+        for wait, batch in timed(ctx.make_loader(state.epoch, state.batch_in_epoch), opened):
             state.batch_in_epoch += 1
             stepped = train_micro_batch(engine, batch, state, acc, rank=ctx.rank, world_size=ctx.world_size,
                                         seed=ctx.seed, policy=ctx.nonfinite, dtype=ctx.dtype,
-                                        image_tokens=ctx.image_tokens)
+                                        image_tokens=ctx.image_tokens, data_wait_s=wait)
             if not stepped:
                 continue
             state.global_step += 1
             if ctx.cpm_watch is not None:
                 ctx.cpm_watch.after_step(acc, state.global_step, ctx.rank)
             if state.global_step % ctx.log_every == 0 or state.global_step == ctx.total_steps:
-                metrics = step_metrics(engine, acc, state, ctx.batches_per_epoch, ctx.world_size)
+                metrics = step_metrics(engine, acc, state, ctx.batches_per_epoch, ctx.world_size,
+                                       flops=ctx.flops, peak_flops=ctx.peak_flops)
                 if ctx.rank == 0:
                     log_step(metrics, state.global_step, ctx.total_steps, ctx.tracker, ctx.metrics_file,
                              ctx.progress)
@@ -297,6 +343,37 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
             # The epoch's batches are exhausted; the next pass of the while opens the next epoch.
             state.batch_in_epoch = ctx.batches_per_epoch
     return state
+
+
+def timed(batches, started: float):
+    """(seconds the loader took to yield it, batch) for each batch; the first wait
+    counts from `started` (opening the loader: worker start-up and its first batch)."""
+    it = iter(batches)
+    t = started
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield time.perf_counter() - t, batch
+        t = time.perf_counter()  # resumed: the micro-step that used the batch is done
+
+
+def device_peak_flops(peak_tflops: float | None, gpu: str, device: torch.device | None = None
+                      ) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device or None, how it was decided) from the perf config:
+    an explicit peak_tflops, a named table entry, or ("auto") the CUDA device's name."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, f"perf.peak_tflops={peak_tflops:g}"
+    if gpu != "auto":
+        return PEAK_TFLOPS[gpu] * 1e12, f"perf.gpu={gpu}: {PEAK_TFLOPS[gpu]:g} TFLOP/s"
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None, "no CUDA device: perf/mfu is not logged (set perf.peak_tflops to log it)"
+    name = torch.cuda.get_device_name(device)
+    peak = peak_tflops_for(name)
+    if peak is None:
+        return None, f"{name!r} is not in modeling.flops.PEAK_TFLOPS: perf/mfu is not logged (set perf.peak_tflops)"
+    return peak * 1e12, f"{name}: {peak:g} TFLOP/s dense bf16/fp16 (modeling.flops.PEAK_TFLOPS)"
 
 
 def check_metrics(metrics: dict[str, float], step: int) -> None:

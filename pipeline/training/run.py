@@ -19,7 +19,7 @@ import yaml
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.training import checkpointing as ckpt
-from pipeline.training.loop import CpmWatch, LoopContext, run_loop
+from pipeline.training.loop import CpmWatch, LoopContext, device_peak_flops, run_loop
 from pipeline.training.schedule import build_schedule
 
 log = logging.getLogger("pipeline.training")
@@ -274,6 +274,16 @@ def train(cfg: TrainConfig) -> dict:
     def save(st: ckpt.TrainState) -> None:
         ckpt.save_checkpoint(engine, cfg.checkpoint_dir, st, config_dict, cfg.checkpoint.keep_last, info.is_main)
 
+    from modeling.flops import step_flops
+    from modeling.llm import causal_lm
+
+    # The LLM's own row count (the tokenizer's length for a random-init one, the checkpoint's otherwise).
+    flops = step_flops(cfg.model, vocab_size=causal_lm(model.llm).config.vocab_size)
+    peak_flops, peak_source = device_peak_flops(cfg.perf.peak_tflops, cfg.perf.gpu, dist.device())
+    if info.is_main:
+        log.info("perf/mfu peak: %s; model FLOPs per sample %.3g + per LLM position %.3g + per position "
+                 "pair %.3g (modeling.flops)", peak_source, flops.per_sample, flops.per_token, flops.per_token_pair)
+
     progress = None
     if info.is_main:
         from tqdm import tqdm
@@ -287,7 +297,8 @@ def train(cfg: TrainConfig) -> dict:
                       else None, progress=progress, stop_step=cfg.schedule.stop_at_step,
                       cpm_watch=CpmWatch(enabled=cfg.model.cpm.enabled and cfg.model.cpm.weight > 0,
                                          prefix=cfg.model.cpm.resolved_prefix,
-                                         abort_after_steps=cfg.cpm_check.abort_after_steps))
+                                         abort_after_steps=cfg.cpm_check.abort_after_steps),
+                      flops=flops, peak_flops=peak_flops)
     t_loop = time.monotonic()
     start_step = state.global_step
     exit_code = 1

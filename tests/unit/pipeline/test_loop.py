@@ -210,3 +210,111 @@ def test_the_run_stops_when_its_first_steps_never_find_the_cpm():
     # 0 disables the stop (the warnings remain).
     engine = StandInEngine(found_from_call=None)
     assert run_loop(engine, TrainState(), _cpm_loop(engine, steps=5, abort_after=0)).global_step == 5
+
+
+def padded_batch():
+    """Two samples of 5 and 3 real tokens right-padded to 5 (the image placeholder is one of them)."""
+    b = batch()
+    b["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    return b
+
+
+def test_perf_metrics_count_real_positions_padding_and_loader_wait():
+    """Two micro-batches: LLM lengths 5-1+16 = 20 and 3-1+16 = 18 each; 2 x 20 positions
+    with padding; the loader waits are averaged over ranks (here 2, as if the all-reduced
+    sums came from two ranks with the same batches) and divided by the step time."""
+    from modeling.flops import StepFlops
+    from pipeline.training.loop import micro_stats
+
+    engine, state, acc = StandInEngine(accum=2), TrainState(), StepAccumulator()
+    out = engine(**{k: padded_batch()[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels",
+                                                   "forgery_labels")})
+    for wait in (0.25, 0.75):
+        one_rank = micro_stats(out, padded_batch(), world_size=2, image_tokens=16, data_wait_s=wait)
+        acc.add(one_rank * 2)  # the all-reduce sum over two identical ranks
+    acc.started -= 10.0  # a 10 s step (plus the few microseconds this test takes)
+    flops = StepFlops(per_sample=1e12, per_token=1e11, per_token_pair=1e9)
+    m = step_metrics(engine, acc, state, batches_per_epoch=4, world_size=2, flops=flops, peak_flops=2e12)
+    samples, tokens, tokens_sq = 8, 4 * (20 + 18), 4 * (20 ** 2 + 18 ** 2)
+    assert m["perf/padding_frac"] == pytest.approx(1 - (20 + 18) / 40)
+    assert m["perf/tokens_per_s"] == pytest.approx(tokens / 10, rel=1e-3)
+    step_flops = 1e12 * samples + 1e11 * tokens + 1e9 * tokens_sq
+    assert m["perf/model_tflops_per_s"] == pytest.approx(step_flops / 2 / 10 / 1e12, rel=1e-3)
+    assert m["perf/mfu"] == pytest.approx(step_flops / (10 * 2 * 2e12), rel=1e-3)
+    # Each rank waited 0.25 + 0.75 s of the 10 s step.
+    assert m["perf/data_wait_frac"] == pytest.approx(1.0 / 10, rel=1e-3)
+    # No peak (CPU): no perf/mfu at all (never a NaN), the achieved FLOP/s still logged.
+    m = step_metrics(engine, acc, state, batches_per_epoch=4, world_size=2, flops=flops, peak_flops=None)
+    assert "perf/mfu" not in m and m["perf/model_tflops_per_s"] > 0
+    assert "perf/model_tflops_per_s" not in step_metrics(engine, acc, state, batches_per_epoch=4, world_size=2)
+
+
+def test_loop_measures_the_loader_wait_and_prints_the_metrics(tmp_path):
+    """A loader that sleeps before each batch: the wait it reports is at least the
+    sleep, and the progress line, metrics.jsonl and the tracker carry the new metrics."""
+    import json
+    import time
+    import types
+
+    from modeling.flops import StepFlops
+    from pipeline.training.loop import LoopContext, run_loop
+
+    def slow_loader(epoch, start):
+        for _ in range(start, 4):
+            time.sleep(0.05)
+            yield padded_batch()
+
+    class Progress:
+        def __init__(self):
+            self.lines = []
+
+        def update(self, n):
+            pass
+
+        def set_postfix_str(self, text, refresh=False):
+            self.lines.append(text)
+
+    logged = []
+    tracker = types.SimpleNamespace(log=lambda metrics, step: logged.append(metrics))
+    progress = Progress()
+    ctx = LoopContext(make_loader=slow_loader, batches_per_epoch=4, total_steps=2, rank=0, world_size=1, seed=1,
+                      nonfinite="stop", dtype=torch.float32, image_tokens=16, log_every=1, checkpoint_every=0,
+                      save=lambda s: None, tracker=tracker, metrics_file=str(tmp_path / "metrics.jsonl"),
+                      progress=progress, flops=StepFlops(1e6, 1e5, 1e3), peak_flops=1e9)
+    run_loop(StandInEngine(accum=2), TrainState(), ctx)
+    assert len(logged) == 2
+    for m in logged:
+        assert m["perf/data_wait_frac"] * m["perf/step_time_s"] >= 2 * 0.05  # two micro-batches of 50 ms
+        assert 0 < m["perf/data_wait_frac"] <= 1
+        assert m["perf/padding_frac"] == pytest.approx(0.05) and 0 < m["perf/mfu"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all({"perf/mfu", "perf/padding_frac", "perf/data_wait_frac", "perf/model_tflops_per_s"} <= set(r)
+               for r in rows)
+    assert len(progress.lines) == 2
+    assert "mfu " in progress.lines[0] and "pad 5%" in progress.lines[0] and "wait " in progress.lines[0]
+
+
+def test_device_peak_comes_from_the_config_or_the_gpu_table():
+    from pipeline.training.loop import device_peak_flops
+
+    assert device_peak_flops(400.0, "auto")[0] == 400e12
+    peak, why = device_peak_flops(None, "H100")
+    assert peak == 989e12 and "H100" in why
+    peak, why = device_peak_flops(None, "auto", torch.device("cpu"))
+    assert peak is None and "perf.peak_tflops" in why
+
+
+def test_perf_config_is_validated_naming_the_field():
+    from pathlib import Path
+
+    from pipeline.config import TrainConfigError, load_train_config
+
+    tiny = str(Path(__file__).resolve().parents[3] / "launch" / "recipes" / "tiny-cpu.yaml")
+    assert load_train_config(tiny).perf.gpu == "auto" and load_train_config(tiny).perf.peak_tflops is None
+    assert load_train_config(tiny, ["perf.gpu=A100"]).perf.gpu == "A100"
+    assert load_train_config(tiny, ["perf.peak_tflops=989"]).perf.peak_tflops == 989.0
+    with pytest.raises(TrainConfigError, match=r"perf\.peak_tflops: must be a finite number"):
+        load_train_config(tiny, ["perf.peak_tflops=0"])
+    with pytest.raises(TrainConfigError, match=r"perf\.gpu: 'B9000' is not 'auto' or a known GPU"):
+        load_train_config(tiny, ["perf.gpu=B9000"])
