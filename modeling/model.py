@@ -248,6 +248,19 @@ class FakeReasoningModel(nn.Module):
         embeds, mask, _ = self._embed(pixel_values, input_ids, mask)
         return embeds, mask
 
+    def _generate_ids(self, pixel_values: torch.Tensor, ids: list[list[int]], max_new_tokens: int,
+                      do_sample: bool, temperature: float, top_p: float, **generate_kwargs) -> torch.Tensor:
+        """[B, steps] ids generated after the prompt ids `ids` (left padded), pads after eos."""
+        tok = self._require_tokenizer("generate")
+        embeds, mask = self._left_padded(pixel_values, ids)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                      eos_token_id=tok.eos_token_id)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        kwargs.update(generate_kwargs)
+        return causal_lm(self.llm).generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompts: Sequence, max_new_tokens: int = 512,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -261,15 +274,88 @@ class FakeReasoningModel(nn.Module):
         if answer_prefix:
             from modeling.template import encode_answer
             ids = [x + encode_answer(tok, answer_prefix) for x in ids]
-        embeds, mask = self._left_padded(pixel_values, ids)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                      eos_token_id=tok.eos_token_id)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        kwargs.update(generate_kwargs)
-        out = causal_lm(self.llm).generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        out = self._generate_ids(pixel_values, ids, max_new_tokens, do_sample, temperature, top_p,
+                                 **generate_kwargs)
         return tok.batch_decode(out, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_scored(self, pixel_values: torch.Tensor, prompts: Sequence, max_new_tokens: int = 512,
+                        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                        **generate_kwargs) -> ScoredGeneration:
+        """generate + score_p_fake with one full forward per image where the answer allows.
+
+        The same texts as `generate` (recording does not touch the RNG or the
+        scores decoding uses). p_fake is the value `score_p_fake(pixel_values,
+        prompts, texts)` gives: that method feeds the prompt plus the answer ids
+        up to its last conclusion prefix; when generation produced exactly those
+        ids, the logits at the next step are the ones it needs, so they are read
+        from the generation's forwards (a forward hook keeps the canonical
+        real/fake pair of every step, B x steps x 2 floats instead of the whole
+        vocabulary). The rest (no conclusion, a conclusion whose re-encoding
+        differs from the generated ids, a prefix at the very end, beam search)
+        get score_p_fake's forced forward, batched over just those rows.
+        """
+        tok = self._require_tokenizer("generate_scored")
+        ids = self._prompt_ids(prompts)
+        lm = causal_lm(self.llm)
+        recorder = _PairRecorder(self.real_id, self.fake_id)
+        # Beam search reorders rows between steps, so steps do not line up with the
+        # output rows (the checkpoint's generation_config may ask for beams too).
+        beams = generate_kwargs.get("num_beams", getattr(lm.generation_config, "num_beams", 1))
+        handle = lm.register_forward_hook(recorder, with_kwargs=True) if (beams or 1) == 1 else None
+        try:
+            out = self._generate_ids(pixel_values, ids, max_new_tokens, do_sample, temperature, top_p,
+                                     **generate_kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if out.shape[0] != len(ids):
+            raise ValueError(f"generate_scored scores one answer per image; generation returned {out.shape[0]} "
+                             f"sequences for {len(ids)} images (num_return_sequences?)")
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        steps = recorder.stacked()  # [B, steps, 2] or None
+        p_fake = torch.full((len(texts),), float("nan"), dtype=torch.float32, device=out.device)
+        from_generation = [False] * len(texts)
+        rows, at = [], []
+        for i, (row, (answer_ids, has_conclusion)) in enumerate(zip(out.tolist(), self._cpm_answer_ids(texts))):
+            k = len(answer_ids)
+            # steps[:, k] predicts generated id k, i.e. follows prompt + row[:k].
+            if has_conclusion and steps is not None and k < steps.shape[1] and row[:k] == answer_ids:
+                rows.append(i)
+                at.append(k)
+        if rows:
+            r = torch.tensor(rows, device=steps.device)
+            pair = steps[r, torch.tensor(at, device=steps.device)]
+            _, p, _ = cpm_math.cpm_from_pair_logits(pair, None, self.config.cpm.temperature)
+            p_fake[r.to(p_fake.device)] = p.to(p_fake.device)
+            for i in rows:
+                from_generation[i] = True
+        rest = [i for i, g in enumerate(from_generation) if not g]
+        if rest:
+            sel = torch.tensor(rest, device=pixel_values.device)
+            forced = self.score_p_fake(pixel_values[sel], [ids[i] for i in rest], [texts[i] for i in rest])
+            p_fake[sel.to(p_fake.device)] = forced.to(p_fake.device)
+        return ScoredGeneration(texts=texts, p_fake=p_fake, from_generation=from_generation)
+
+    def _cpm_answer_ids(self, answers: Sequence[str | None]) -> list[tuple[list[int], bool]]:
+        """Per answer: (the answer ids score_p_fake feeds after the prompt, whether the
+        answer has its own conclusion). With a conclusion: the stripped answer up to
+        the end of its last prefix (any whitespace); without: the answer followed by
+        the forced prefix (`cpm.answer_prefix`, the spelling trained on)."""
+        tok = self._require_tokenizer("score_p_fake")
+        from modeling.template import encode_answer
+
+        prefix = self.config.cpm.resolved_prefix
+        out = []
+        for ans in answers:
+            ans = (ans or "").strip()
+            end = cpm_math.last_prefix_end(ans, prefix)
+            if end >= 0:
+                text = ans[:end]
+            else:
+                text = f"{ans} {prefix}" if ans else prefix
+            out.append((encode_answer(tok, text), end >= 0))
+        return out
 
     @torch.no_grad()
     def score_p_fake(self, pixel_values: torch.Tensor, prompts: Sequence,
@@ -278,24 +364,13 @@ class FakeReasoningModel(nn.Module):
         prefix (`cpm.answer_prefix`, the one the model was trained on): the last one
         inside each generated answer, whatever its whitespace (text up to it is kept),
         or a forced one (appended to the answer, or alone when the answer is None /
-        has no conclusion)."""
-        tok = self._require_tokenizer("score_p_fake")
-        from modeling.template import encode_answer
-
-        prefix = self.config.cpm.resolved_prefix
+        has no conclusion). One full forward (towers, fusion, LLM) over prompt + answer;
+        `generate_scored` avoids it for answers whose generation already computed it."""
         ids = self._prompt_ids(prompts)
         answers = list(answers) if answers is not None else [None] * len(ids)
         if len(answers) != len(ids):
             raise ValueError(f"{len(answers)} answers for {len(ids)} prompts")
-        full = []
-        for x, ans in zip(ids, answers):
-            ans = (ans or "").strip()
-            end = cpm_math.last_prefix_end(ans, prefix)
-            if end >= 0:
-                text = ans[:end]
-            else:
-                text = f"{ans} {prefix}" if ans else prefix
-            full.append(x + encode_answer(tok, text))
+        full = [x + a for x, (a, _) in zip(ids, self._cpm_answer_ids(answers))]
         embeds, mask = self._left_padded(pixel_values, full)
         out = causal_lm(self.llm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
                                   logits_to_keep=1)
@@ -303,3 +378,55 @@ class FakeReasoningModel(nn.Module):
         pair = torch.stack([last[:, self.real_id], last[:, self.fake_id]], dim=-1).float()
         _, p_fake, _ = cpm_math.cpm_from_pair_logits(pair, None, self.config.cpm.temperature)
         return p_fake
+
+
+@dataclass
+class ScoredGeneration:
+    """What FakeReasoningModel.generate_scored returns for a batch of B images.
+
+    texts: the generated answers (continuations only), as `generate` returns them;
+    p_fake: [B] float32, score_p_fake's value for each answer;
+    from_generation: per image, True when p_fake was read from the generation's own
+    logits (one full forward: the prefill), False when score_p_fake's forced
+    forward ran for it (two).
+    """
+
+    texts: list[str]
+    p_fake: torch.Tensor
+    from_generation: list[bool]
+
+    @property
+    def forwards(self) -> list[int]:
+        """Full prompt forwards per image: generation's prefill, plus the forced one where it ran."""
+        return [1 if g else 2 for g in self.from_generation]
+
+
+class _PairRecorder:
+    """Forward hook on the causal LM during `generate`: keeps the last position's raw
+    logits of the canonical real/fake tokens from every forward, i.e. per decoding
+    step the values the CPM reads ([B, 2] float32, as generate's own float32 copy).
+
+    A hook rather than a LogitsProcessor because generate runs custom processors
+    after the ones it builds from the generation config (repetition penalty,
+    suppressed tokens, ...; transformers' _merge_criteria_processor_list appends
+    custom ones), so a processor may see modified scores; the model's output is
+    raw by construction. Only the first forward may span several positions (the
+    prefill); a chunked prefill would shift the steps, so it is refused.
+    """
+
+    def __init__(self, real_id: int, fake_id: int):
+        self.ids = [int(real_id), int(fake_id)]
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, module, args, kwargs, output):
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+        if self.steps and x is not None and x.shape[1] > 1:
+            raise RuntimeError("generate ran a multi-position forward after the prefill (chunked prefill?); "
+                               "generate_scored needs one forward per decoding step")
+        self.steps.append(output.logits[:, -1, self.ids].float())
+
+    def stacked(self) -> torch.Tensor | None:
+        """[B, steps, 2], steps in decoding order (a few extra at the end are harmless), or None."""
+        return torch.stack(self.steps, dim=1) if self.steps else None

@@ -4,11 +4,13 @@ batches, gather to rank 0, write the report, log to W&B.
 Each rank holds a full copy of the model (inference needs no ZeRO partitioning:
 the 13B model in bf16 fits a 40 GB GPU), so ranks never wait for each other
 until the final gather; `deepspeed` (or torchrun) is only the process launcher.
-Per batch: greedy (or sampled) generation with left padding, then one more
-forward over prompt + answer for the CPM's p(fake) at the answer's own
-"<CONCLUSION>This image is" (forced after the answer when it has none). CSS
-runs after generation on the rank's texts, with the CLIP text model loaded
-once per process.
+Per batch: greedy (or sampled) generation with left padding; the CPM's p(fake)
+at the answer's own "<CONCLUSION>This image is" is read from the logits
+generation computed there, and only answers without one (it is forced after
+them) get one more forward over prompt + answer (model.generate_scored;
+results.json "run" counts the full forwards per image). CSS runs after
+generation on the rank's texts, with the CLIP text model loaded once per
+process.
 
 The protocol (EvalConfig.protocol) picks the prompt conversation, decoding
 settings, parser, selection and CSS of an empty hypothesis; results.json
@@ -73,10 +75,17 @@ def batch_seed(seed: int, first_sample: dict[str, Any]) -> int:
 class Scorer:
     """Generation + parsing + p(fake) for batches of images (one model, one device)."""
 
-    def __init__(self, model, cfg: EvalConfig, device: torch.device, tokenizer=None):
+    def __init__(self, model, cfg: EvalConfig, device: torch.device, tokenizer=None, one_pass: bool = True):
+        """one_pass False: the two-pass way (generate, then score_p_fake's forward for
+        every answer), the same p(fake) at one more forward per image; kept as the
+        baseline of benchmarks/bench_eval.py and of the equality tests."""
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.device = device
+        self.one_pass = one_pass
+        # Full forwards (towers, fusion, LLM over the whole prompt) run so far, and the
+        # images they were for: generation's prefill is 1, a forced CPM forward 1 more.
+        self.images = self.forwards = 0
         self.parse = PARSERS[cfg.protocol]
         self.settings = cfg.generation()
         from modeling.template import build_prompt
@@ -100,8 +109,15 @@ class Scorer:
         px = pixel_values.to(self.device)
         prompts = [list(self.prompt_ids) for _ in samples]
         torch.manual_seed(batch_seed(self.cfg.seed, samples[0]))
-        answers = self.model.generate(px, prompts, **self.generate_kwargs())
-        p_fake = self.model.score_p_fake(px, prompts, answers).float().cpu().tolist()
+        if self.one_pass:
+            scored = self.model.generate_scored(px, prompts, **self.generate_kwargs())
+            answers, p_fake, forwards = scored.texts, scored.p_fake, scored.forwards
+        else:
+            answers = self.model.generate(px, prompts, **self.generate_kwargs())
+            p_fake, forwards = self.model.score_p_fake(px, prompts, answers), [2] * len(samples)
+        p_fake = p_fake.float().cpu().tolist()
+        self.images += len(samples)
+        self.forwards += sum(forwards)
         rows = []
         for s, answer, p in zip(samples, answers, p_fake):
             parsed = self.parse(answer)
@@ -131,6 +147,13 @@ def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_pr
     finally:
         bar.close()
     return rows, failures
+
+
+def forwards_per_image(per_rank: list[dict[str, Any]]) -> float | None:
+    """Full model forwards per scored image over all ranks (1: p(fake) always read
+    from generation; 2: a forced CPM forward for every image); None without images."""
+    images = sum(p["scored"] for p in per_rank)
+    return sum(p["forwards"] for p in per_rank) / images if images else None
 
 
 def add_text_scores(rows: list[dict[str, Any]], css: CSSScorer | None) -> None:
@@ -210,7 +233,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     # each rank did even when ranks competed for cores.
     timing = {"rank": rank, "images": len(mine), "load_s": t_load - t0, "generate_s": t_gen - t_load,
               "text_metrics_s": t_text - t_gen, "generate_cpu_s": c_gen - c_load,
-              "text_metrics_cpu_s": c_text - c_gen}
+              "text_metrics_cpu_s": c_text - c_gen, "scored": scorer.images, "forwards": scorer.forwards}
     gathered = _gather((rows, failures, timing), rank, world)
     if rank != 0:
         return None
@@ -218,7 +241,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     all_failures = [f for g in gathered for f in g[1]]
     run = {"world_size": world, "backend": info.backend, "device": str(dev), "checkpoint_format": fmt,
            "seconds": time.perf_counter() - t0, "per_rank": [g[2] for g in gathered],
-           "images_per_s_scoring": len(items) / max(max(g[2]["generate_s"] for g in gathered), 1e-9)}
+           "images_per_s_scoring": len(items) / max(max(g[2]["generate_s"] for g in gathered), 1e-9),
+           "forwards_per_image": forwards_per_image([g[2] for g in gathered])}
     results = write_report(cfg.out, all_rows, expected_counts(items), all_failures, identity,
                            cfg.to_dict(), plots=cfg.plots,
                            extra={"run": run, "protocol": cfg.protocol_record(), "selection": selection})

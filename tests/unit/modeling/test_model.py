@@ -230,3 +230,86 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_the_loss(tokenizer):
     assert len(calls) == 2  # the layer ran again during backward
     torch.testing.assert_close(loss, ref)
     assert m.fusion.ffn_up.weight.grad is not None
+
+
+def _steered(tokenizer, scripts):
+    """prefix_allowed_tokens_fn (a generate option) making row b generate the ids
+    scripts[b] first and then whatever the model picks: answers with a conclusion
+    from a random-weight model. A generate-built processor changes the scores, so
+    a p_fake read from processed scores instead of raw logits would differ."""
+    everything = list(range(len(tokenizer)))
+
+    def allowed(b, ids):
+        return [scripts[b][len(ids)]] if len(ids) < len(scripts[b]) else everything
+    return allowed
+
+
+def _tower_calls(model):
+    calls = []
+    return calls, model.clip_tower.register_forward_pre_hook(lambda *a: calls.append(1))
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_generate_scored_takes_p_fake_from_generation(model, tokenizer, sampled):
+    from modeling.template import encode_answer
+
+    model.eval()
+    prefix = model.config.cpm.resolved_prefix
+    # The ids of a conclusion whose re-encoding differs ("This" spelled by single
+    # characters): read there, p_fake would not be score_p_fake's, so it is forced.
+    chars = [i for c in " This" for i in tokenizer.encode(c, add_special_tokens=False)]
+    odd = encode_answer(tokenizer, "<CONCLUSION>") + chars
+    odd += encode_answer(tokenizer, "image is")
+    assert odd != encode_answer(tokenizer, "<CONCLUSION> This image is")
+    assert tokenizer.decode(odd).strip() == "<CONCLUSION> This image is"
+    scripts = [encode_answer(tokenizer, ANSWERS[0][0]), encode_answer(tokenizer, ANSWERS[1][0]),
+               encode_answer(tokenizer, f"<REASONING>x</REASONING>\n{prefix}"),  # then the model's own word
+               [],  # the random model's own answer: no conclusion, forced
+               None,  # below: an answer that ends right after its prefix, nothing computed after it
+               odd + encode_answer(tokenizer, "fake.")]
+    longest = max(len(s) for s in scripts if s)
+    reasoning = "<REASONING> The texture looks unnatural."
+    while len(encode_answer(tokenizer, f"{reasoning} </REASONING> {prefix}")) <= longest:
+        reasoning += " The lighting is flat."
+    scripts[4] = encode_answer(tokenizer, f"{reasoning} </REASONING> {prefix}")
+    n_new = len(scripts[4])
+    b = len(scripts)
+    px = torch.randn(b, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    prompts = [QUESTION] * b
+    kw = dict(max_new_tokens=n_new, do_sample=sampled, temperature=0.2,
+              prefix_allowed_tokens_fn=_steered(tokenizer, scripts))
+    torch.manual_seed(9)
+    texts = model.generate(px, prompts, **kw)
+    calls, hook = _tower_calls(model)
+    try:
+        torch.manual_seed(9)
+        out = model.generate_scored(px, prompts, **kw)
+    finally:
+        hook.remove()
+    assert out.texts == texts  # recording changes nothing generation does
+    assert [cpm_math.last_prefix_end(t, prefix) >= 0 for t in texts] == [True, True, True, False, True, True]
+    assert out.from_generation == [True, True, True, False, False, False]
+    assert out.forwards == [1, 1, 1, 2, 2, 2] and len(calls) == 2  # generation + one forced batch of 3
+    two_pass = model.score_p_fake(px, prompts, texts)
+    assert out.p_fake.dtype == torch.float32 and not out.p_fake.isnan().any()
+    torch.testing.assert_close(out.p_fake, two_pass, atol=1e-5, rtol=0)
+
+
+def test_generate_scored_runs_one_forward_when_every_answer_concludes(model, tokenizer):
+    from modeling.template import encode_answer
+
+    model.eval()
+    scripts = [encode_answer(tokenizer, a) for a, _ in ANSWERS]
+    px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(6))
+    calls, hook = _tower_calls(model)
+    try:
+        out = model.generate_scored(px, [QUESTION] * 2, max_new_tokens=max(map(len, scripts)) + 2,
+                                    prefix_allowed_tokens_fn=_steered(tokenizer, scripts))
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and out.forwards == [1, 1]
+    torch.testing.assert_close(out.p_fake, model.score_p_fake(px, [QUESTION] * 2, out.texts), atol=1e-5, rtol=0)
+    # Beam search reorders rows between steps: every row gets the forced forward.
+    beams = model.generate_scored(px, [QUESTION] * 2, max_new_tokens=len(scripts[0]) + 2, num_beams=2,
+                                  prefix_allowed_tokens_fn=_steered(tokenizer, [scripts[0]] * 2))
+    assert beams.from_generation == [False, False]

@@ -85,10 +85,11 @@ def test_config_errors_name_the_field(tiny, tmp_path):
 
 
 class _Recording:
-    """The real tiny model, with the calls the scorer makes to it written down."""
+    """The real tiny model, with the calls the scorer makes to it written down;
+    `steer` (generate keyword arguments) is added to every generation call."""
 
-    def __init__(self, model):
-        self.model, self.tokenizer, self.calls = model, model.tokenizer, []
+    def __init__(self, model, **steer):
+        self.model, self.tokenizer, self.calls, self.steer = model, model.tokenizer, [], steer
 
     def to(self, device):
         self.model.to(device)
@@ -100,7 +101,11 @@ class _Recording:
 
     def generate(self, pixel_values, prompts, **kwargs):
         self.calls.append(("generate", [list(p) for p in prompts], kwargs))
-        return self.model.generate(pixel_values, prompts, **kwargs)
+        return self.model.generate(pixel_values, prompts, **kwargs, **self.steer)
+
+    def generate_scored(self, pixel_values, prompts, **kwargs):
+        self.calls.append(("generate_scored", [list(p) for p in prompts], kwargs))
+        return self.model.generate_scored(pixel_values, prompts, **kwargs, **self.steer)
 
     def score_p_fake(self, pixel_values, prompts, answers):
         self.calls.append(("score_p_fake", [list(p) for p in prompts], {}))
@@ -127,11 +132,15 @@ def test_reference_protocol_prompts_with_llava_v1_and_samples_at_0_2(tiny, tmp_p
     torch.manual_seed(1)
     px = torch.randn(2, 3, model.config.image_size, model.config.image_size)
     rows = scorer.score_batch(px, _samples(2))
-    (name, prompts, kwargs), (name2, prompts2, _) = rec.calls
-    assert (name, name2) == ("generate", "score_p_fake")
+    ((name, prompts, kwargs),) = rec.calls
+    assert name == "generate_scored"
     assert kwargs == {"max_new_tokens": 6, "do_sample": True, "temperature": 0.2, "top_p": 1.0, "num_beams": 1}
     want = build_prompt(tok, EVAL_QUESTION, conversation="llava_v1")[0]
-    assert prompts == prompts2 == [want, want] and want != build_prompt(tok, EVAL_QUESTION)[0]
+    assert prompts == [want, want] and want != build_prompt(tok, EVAL_QUESTION)[0]
+    # The two-pass way: the same prompts to generate and to score_p_fake.
+    rec.calls.clear()
+    Scorer(rec, cfg, torch.device("cpu"), tok, one_pass=False).score_batch(px, _samples(2))
+    assert [(c[0], c[1]) for c in rec.calls] == [("generate", [want, want]), ("score_p_fake", [want, want])]
     i = want.index(-200)
     assert tok.decode(want[:i], skip_special_tokens=True).startswith(LLAVA_V1_SYSTEM)
     # Rows are parsed with the reference's parser.
@@ -210,3 +219,40 @@ def test_sampled_answers_do_not_depend_on_the_number_of_ranks(tiny, tmp_path):
         answers[world] = {r["key"]: r["answer"] for r in rows}
     assert len(answers[1]) == 7 and answers[1] == answers[2] == answers[3]
     assert len(set(answers[1].values())) > 1  # really sampled text, not one constant answer
+
+
+@pytest.mark.parametrize("protocol", ["ours", "reference"])
+def test_one_pass_scores_equal_two_pass_with_one_forward_per_concluded_image(tiny, tmp_path, protocol):
+    """The runner's default (p(fake) from generation's logits) against the two-pass
+    way on the same images and seeds: identical rows, p(fake) to 1e-5, and one
+    full forward for each image whose answer concludes. The random tiny model is
+    steered into conclusions for the first rows (generate's prefix_allowed_tokens_fn)."""
+    from modeling.template import encode_answer
+    from pipeline.evaluation.runner import forwards_per_image
+
+    model, tok, _ = load_model(_cfg(tiny, tmp_path))
+    prefix = model.config.cpm.resolved_prefix
+    scripts = [encode_answer(tok, a) for a in (f"{prefix} fake. </CONCLUSION>",
+                                               f"<REASONING> The edges. </REASONING>\n{prefix}", "")]
+    everything = list(range(len(tok)))
+
+    def steer(b, ids):
+        return [scripts[b][len(ids)]] if len(ids) < len(scripts[b]) else everything
+
+    cfg = _cfg(tiny, tmp_path, protocol=protocol, max_new_tokens=max(map(len, scripts)) + 3)
+    px = torch.randn(3, 3, model.config.image_size, model.config.image_size,
+                     generator=torch.Generator().manual_seed(3))
+    ways = {}
+    for one_pass in (True, False):
+        scorer = Scorer(_Recording(model, prefix_allowed_tokens_fn=steer), cfg, torch.device("cpu"), tok,
+                        one_pass=one_pass)
+        ways[one_pass] = (scorer.score_batch(px, _samples(3)), scorer)
+    (rows, one), (rows2, two) = ways[True], ways[False]
+    assert [r["answer"] for r in rows] == [r["answer"] for r in rows2]
+    assert [prefix in r["answer"] for r in rows] == [True, True, False]
+    for a, b in zip(rows, rows2):
+        assert a["p_fake"] == pytest.approx(b["p_fake"], abs=1e-5)
+        assert {k: v for k, v in a.items() if k != "p_fake"} == {k: v for k, v in b.items() if k != "p_fake"}
+    assert (one.images, one.forwards, two.images, two.forwards) == (3, 4, 3, 6)
+    per_rank = [{"scored": one.images, "forwards": one.forwards}, {"scored": 1, "forwards": 2}]
+    assert forwards_per_image(per_rank) == 6 / 4 and forwards_per_image([{"scored": 0, "forwards": 0}]) is None
