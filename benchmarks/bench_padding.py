@@ -40,13 +40,14 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from synthetic_shards import make_synthetic_shards  # noqa: E402 - the script's own folder is on sys.path
 
 from pipeline.data.config import DataConfig  # noqa: E402 - after the path set-up
 
@@ -73,17 +74,7 @@ def parse_args(argv=None):
 
 
 def make_shards(work: str, train_images: int) -> str:
-    root, shards = os.path.join(work, "mmfr"), os.path.join(work, "shards")
-    env = {**os.environ, "PYTHONPATH": REPO}
-    if not os.path.isfile(os.path.join(root, "forgery_reasoning_cot.json")):
-        subprocess.run([sys.executable, "-m", "sharding.synthetic", "--out", root, "--train-images",
-                        str(train_images), "--eval-images-per-generator", "2", "--image-size", "32",
-                        "--seed", "0", "--quiet"], check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-    if not os.path.isfile(os.path.join(shards, "train", "sizes.json")):
-        subprocess.run([sys.executable, "-m", "sharding.shard_mmfr", root, shards, "--max-samples-per-shard",
-                        "125", "--workers", "1", "--no-progress"], check=True, cwd=REPO, env=env,
-                       stdout=subprocess.DEVNULL)
-    return os.path.join(shards, "train")
+    return os.path.join(make_synthetic_shards(work, train_images, image_size=32, samples_per_shard=125), "train")
 
 
 def make_tokenizer(train: str, work: str):

@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from synthetic_shards import make_synthetic_shards  # noqa: E402 - the script's own folder is on sys.path
 
 RECIPE = os.path.join(REPO, "launch", "recipes", "tiny-cpu.yaml")
 
@@ -43,15 +44,7 @@ def parse_args(argv=None):
 
 
 def make_shards(work: str, train_images: int) -> str:
-    root, shards = os.path.join(work, "mmfr"), os.path.join(work, "shards")
-    env = {**os.environ, "PYTHONPATH": REPO}
-    if not os.path.isfile(os.path.join(root, "forgery_reasoning_cot.json")):
-        subprocess.run([sys.executable, "-m", "sharding.synthetic", "--out", root, "--train-images",
-                        str(train_images), "--eval-images-per-generator", "2", "--image-size", "56",
-                        "--seed", "0", "--quiet"], check=True, cwd=REPO, env=env)
-    subprocess.run([sys.executable, "-m", "sharding.shard_mmfr", root, shards, "--max-samples-per-shard", "100",
-                    "--workers", "1", "--no-progress"], check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-    return shards
+    return make_synthetic_shards(work, train_images, image_size=56, samples_per_shard=100)
 
 
 def run_stage(stage: int, shards: str, args) -> dict:
