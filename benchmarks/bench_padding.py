@@ -36,10 +36,8 @@ This script, in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -47,7 +45,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from synthetic_shards import make_synthetic_shards  # noqa: E402 - the script's own folder is on sys.path
+from bench_common import make_synthetic_shards, write_results  # noqa: E402 - the script's own folder is on sys.path
 
 from pipeline.data.config import DataConfig  # noqa: E402 - after the path set-up
 
@@ -283,14 +281,7 @@ def run(args) -> int:
     for row in res["replays"]:
         print(f"fakes +{100 * row['fake_longer']:.0f}% {row['mode']:>6s}: {fmt(row)}", flush=True)
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "machine": machine, "results": res}, f, indent=1)
-    text = render(res, args, machine)
-    with open(args.out + ".md", "w", encoding="utf-8") as f:
-        f.write(text)
-    print(text)
+    print(write_results(args.out, args, res, render))
     return 0 if matches else 1
 
 

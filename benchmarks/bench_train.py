@@ -22,7 +22,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from synthetic_shards import make_synthetic_shards  # noqa: E402 - the script's own folder is on sys.path
+from bench_common import make_synthetic_shards, write_results  # noqa: E402 - the script's own folder is on sys.path
 
 RECIPE = os.path.join(REPO, "launch", "recipes", "tiny-cpu.yaml")
 
@@ -119,16 +119,7 @@ def main(argv=None) -> int:
         rows.append(run_stage(stage, shards, args))
         print(f"ZeRO-{stage}: {rows[-1]['steps_per_s']:.2f} steps/s, per-rank share "
               f"{rows[-1]['param_share_per_rank']} ({time.monotonic() - t0:.0f}s)", flush=True)
-    import platform
-
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "machine": machine, "results": rows}, f, indent=1)
-    text = render(rows, args, machine)
-    with open(args.out + ".md", "w", encoding="utf-8") as f:
-        f.write(text)
-    print(text)
+    print(write_results(args.out, args, rows, render))
     return 0
 
 

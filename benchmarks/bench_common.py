@@ -1,8 +1,10 @@
-"""Synthetic MMFR shards for the benchmark scripts (shared, so each script does not
-carry its own copy of the generator and sharder calls)."""
+"""Pieces the benchmark scripts share: synthetic MMFR shards and the results files
+(so each script does not carry its own copy)."""
 from __future__ import annotations
 
+import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -23,3 +25,19 @@ def make_synthetic_shards(work: str, train_images: int, image_size: int, samples
                         str(samples_per_shard), "--workers", "1", "--no-progress"], check=True, cwd=REPO,
                        env=env, stdout=subprocess.DEVNULL)
     return shards
+
+
+def machine_description() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def write_results(out: str, args, results, render) -> str:
+    """<out>.json ({args, machine, results}) and <out>.md (render(results, args, machine)); returns the text."""
+    machine = machine_description()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump({"args": vars(args), "machine": machine, "results": results}, f, indent=1)
+    text = render(results, args, machine)
+    with open(out + ".md", "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
