@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pipeline.evaluation.metrics import generator_order, set_metrics
 from pipeline.evaluation.parsing import ALL_STATUSES, PARSEABLE_STATUSES
+
+log = logging.getLogger(__name__)
 
 PREDICTION_FIELDS: tuple[str, ...] = (
     "key", "set", "generator", "label", "pred", "parse_status", "p_fake", "reasoning", "reference",
@@ -143,6 +146,20 @@ def _table(title: str, metrics: Mapping[str, Any], columns) -> list[str]:
     return lines + [""]
 
 
+def warn_when_nothing_parsed(results: Mapping[str, Any]) -> list[str]:
+    """Log a warning for each set with answers of which none carries a decision
+    (the accuracy columns of its report are then empty, not zero); returns those sets."""
+    empty = []
+    for name, counts in results.get("parse_status", {}).items():
+        total = sum(counts.values())
+        if total and not any(counts.get(s, 0) for s in PARSEABLE_STATUSES):
+            empty.append(name)
+            log.warning("set %s: none of its %d answers could be parsed (%s), so its accuracies are empty; check "
+                        "the protocol, the prompt and max_new_tokens", name, total,
+                        ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return empty
+
+
 def status_counts(predictions: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """parse_status -> number of answers, in ALL_STATUSES order (zeros left out)."""
     counts: dict[str, int] = {}
@@ -263,6 +280,7 @@ def write_report(
     predictions = sort_predictions(predictions)
     results = build_results(predictions, expected, failures, checkpoint, config)
     results.update(extra or {})
+    warn_when_nothing_parsed(results)
     write_predictions(os.path.join(out_dir, "predictions.jsonl"), predictions)
     if plots:
         from pipeline.evaluation.plots import write_plots

@@ -205,3 +205,15 @@ def test_protocol_and_parse_statuses_are_recorded(tmp_path, checkpoint, protocol
     assert f"Unparseable answers (left out of the reference convention): {unparsed}." in md
     again = rebuild(str(out), plots=False)
     assert again["protocol"] == rec and again["selection"] == selection and (out / "results.md").read_text() == md
+
+
+def test_a_set_where_no_answer_parses_is_warned(tmp_path, checkpoint, caplog):
+    preds = make_predictions(1)
+    for p in preds:
+        if p["set"] == "mmfr":
+            p.update(pred=None, parse_status="no_conclusion")
+    with caplog.at_level("WARNING", logger="pipeline.evaluation.report"):
+        write_report(str(tmp_path), preds, {"mmfr": 36, "genimage": 24}, [], checkpoint, {}, plots=False)
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("set mmfr: none of its") and "no_conclusion" in m for m in warned), warned
+    assert not any(m.startswith("set genimage") for m in warned), warned
