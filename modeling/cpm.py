@@ -81,7 +81,6 @@ class DecisionLocator:
 
     def __init__(self, tokenizer, prefix: str, decision_tokens, prefix_len: int):
         self.tokenizer = tokenizer
-        self.prefix = prefix
         self.decision_tokens = frozenset(int(t) for t in decision_tokens)
         self.window = int(prefix_len) + _WINDOW_SLACK
         self._ends_with_prefix = re.compile(f"(?:{prefix_regex(prefix).pattern})\\s*$", flags=re.IGNORECASE)
@@ -103,9 +102,17 @@ class DecisionLocator:
     def positions(self, labels: torch.Tensor) -> torch.Tensor:
         """[B, T] labels -> [B] long positions (-1 where a row has none, e.g. a
         truncated answer). The decision token must be supervised; the context
-        may include prompt tokens (as ignored labels they are skipped)."""
-        rows = labels.detach().cpu().tolist()
-        return torch.tensor([self.row_position(r) for r in rows], dtype=torch.long, device=labels.device)
+        may include prompt tokens (as ignored labels they are skipped).
+
+        The candidates are found on the labels' device; only rows that have one
+        are copied to the host, and only their candidates' windows are decoded."""
+        labels = labels.detach()
+        ids = torch.tensor(sorted(self.decision_tokens), dtype=labels.dtype, device=labels.device)
+        rows_with = torch.isin(labels[:, 1:], ids).any(dim=1).nonzero().flatten().tolist()
+        out = [-1] * labels.shape[0]
+        for b, row in zip(rows_with, labels[rows_with].cpu().tolist()):
+            out[b] = self.row_position(row)
+        return torch.tensor(out, dtype=torch.long, device=labels.device)
 
 
 def find_positions_by_argmax(logits: torch.Tensor, labels: torch.Tensor, real_id: int,

@@ -194,16 +194,17 @@ class FakeReasoningModel(nn.Module):
         """Teacher-forced step. input_ids/labels right padded, -200 at the image position,
         labels -100 outside the answer; forgery_labels [B] 0 real / 1 fake."""
         embeds, mask, labels_x = self._embed(pixel_values, input_ids, attention_mask, labels)
+        c = self.config.cpm
+        use_cpm = c.enabled and self.real_id is not None
+        # From the labels alone, before the LLM's forward is queued behind it.
+        pos = self.cpm_locator.positions(labels_x) if use_cpm and c.position == "labels" else None
         out = causal_lm(self.llm)(inputs_embeds=embeds, attention_mask=mask, labels=labels_x,
                                   use_cache=False)
         lm_loss = out.loss
         logits = out.logits
-        c = self.config.cpm
         b = input_ids.shape[0]
-        if c.enabled and self.real_id is not None:
-            if c.position == "labels":
-                pos = self.cpm_locator.positions(labels_x)
-            else:
+        if use_cpm:
+            if pos is None:
                 pos = cpm_math.find_positions_by_argmax(logits, labels_x, self.real_id,
                                                         self.fake_id)
             found = pos >= 0

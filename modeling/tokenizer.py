@@ -231,7 +231,12 @@ def cpm_decision_tokens(tokenizer, prefix: str = CPM_PREFIX) -> dict[int, int]:
     the other ids only let the position be found in every spelling."""
     _, real_id, fake_id = cpm_context(tokenizer, prefix)
     found = {real_id: 0, fake_id: 1}
-    for tid in range(len(tokenizer)):
+    # Only pieces spelling the word can decode to it (both words are ASCII, so every
+    # tokenizer family writes them literally in its pieces): decode just those.
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    for tid, piece in enumerate(pieces):
+        if piece is None or ("real" not in piece and "fake" not in piece):
+            continue
         label = _decision_label(tokenizer.decode([tid]))
         if label is not None:
             found.setdefault(tid, label)
