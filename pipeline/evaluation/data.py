@@ -184,6 +184,11 @@ def plan_items(sets: dict[str, str], limit: int | None = None, max_per_class: in
             stats.over_limit = len(set_items) - limit
             set_items = set_items[:limit]
         stats.selected = len(set_items)
+        if stats.available and not stats.selected:
+            # The set would vanish from the report without a trace.
+            raise ValueError(f"set {name!r} ({root}): the selection kept none of its {stats.available} images "
+                             f"(not in the reasoning JSON: {stats.not_in_reasoning_json}, over max per class: "
+                             f"{stats.over_max_per_class}); were its shards written from the annotation files?")
         report[name] = stats
         items.extend(set_items)
     return items, report

@@ -50,7 +50,14 @@ def shard_corpus(train_shards: str, limit: int, roles: tuple[str, ...] | None = 
     it, and reading goes on with the next shard. Only when no sample at all
     could be read does this raise, naming the shards and their errors.
     """
-    paths = sorted(glob.glob(os.path.join(train_shards, "*.tar"))) if os.path.isdir(train_shards) else []
+    if os.path.isdir(train_shards):
+        paths = sorted(glob.glob(os.path.join(train_shards, "*.tar")))
+    elif "{" in train_shards or train_shards.endswith(".tar"):  # expanded the way the data stream expands it
+        from pipeline.data.shards import expand_urls
+
+        paths = list(expand_urls(train_shards))
+    else:
+        paths = []
     if not paths:
         raise FileNotFoundError(f"{purpose}, but {train_shards} holds no *.tar shard; {remedy}")
     n = 0
@@ -88,7 +95,7 @@ def resolve_cpm_prefix(cfg: TrainConfig, info: dist.DistInfo) -> str:
 
     c = cfg.model.cpm
     decision: tuple[str | None, str | None] = (None, None)
-    if info.is_main and c.enabled:
+    if info.is_main and c.enabled and c.weight > 0:  # the same rule as the loop's CpmWatch
         wanted = c.resolved_prefix
         try:
             answers = list(shard_corpus(cfg.data.train_shards, cfg.cpm_check.prefix_samples, roles=("gpt",),
@@ -210,11 +217,12 @@ def train(cfg: TrainConfig) -> dict:
     ds_config = dist.resolve_deepspeed_config(cfg, info.world_size)
     if resume is not None and resume.universal:
         dist.enable_universal_load(ds_config)
+    # Stored in the model config (before train_config.yaml is written), so the run's
+    # files, checkpoints and export all carry the prefix trained on.
+    cfg.model.cpm.answer_prefix = resolve_cpm_prefix(cfg, info)
     if info.is_main:
         write_run_files(cfg, ds_config, info)
     tokenizer = prepare_tokenizer(cfg, info)
-    # Stored in the model config, so checkpoints and the export carry the prefix trained on.
-    cfg.model.cpm.answer_prefix = resolve_cpm_prefix(cfg, info)
 
     with dist.model_construction(ds_config):
         model = build_model(cfg, tokenizer)

@@ -72,3 +72,10 @@ def test_nothing_readable_raises_naming_the_shards(tmp_path):
     assert "shard-000000.tar (ReadError" in msg and "shard-000001.tar (ReadError" in msg
     with pytest.raises(FileNotFoundError, match="no \\*.tar shard"):
         list(shard_corpus(str(tmp_path / "missing"), 10))
+
+
+def test_a_brace_pattern_is_read_like_the_data_stream_lists_it(tmp_path):
+    write_shard(tmp_path / "shard-000000.tar", 0, 2)
+    write_shard(tmp_path / "shard-000001.tar", 2, 1)
+    texts = list(shard_corpus(str(tmp_path / "shard-{000000..000001}.tar"), 100, roles=("gpt",)))
+    assert texts == ["answer 0", "answer 1", "answer 2"]

@@ -220,3 +220,12 @@ def test_loader_batches_are_the_fixed_batches_whatever_the_workers(tmp_path, wor
     items = enumerate_items({"s": str(tmp_path / "one")})
     keys = [[s["key"] for s in b["samples"]] for b in make_eval_loader(items, _Processor(), 2, workers)]
     assert sorted(keys) == [["k0", "k1"], ["k2", "k3"], ["k4", "k5"], ["k6"]]
+
+
+def test_a_selection_that_keeps_nothing_is_an_error(tmp_path):
+    from pipeline.evaluation.data import plan_items
+
+    # Shards written without the annotation files: no image is listed in a reasoning JSON.
+    _write_set(tmp_path / "a" / "flux", [[("k0", _png(5)), ("k1", _png(6))]])
+    with pytest.raises(ValueError, match=r"set 'mmfr' .*kept none of its 2 images \(not in the reasoning JSON: 2"):
+        plan_items({"mmfr": str(tmp_path / "a")}, reasoning_sets=["mmfr"])
