@@ -235,3 +235,7 @@ def init_projectors_from_base(cfg: ModelConfig, projectors: dict[str, nn.Module]
     # weights); this line says where they went.
     log.info("llm.path=%s: projectors loaded: %s; starting random: %s", base.path,
              ", ".join(loaded) or "none", ", ".join(fresh + ["fusion"]))
+    if base.is_llava and not loaded:
+        # A LLaVA folder is chosen for its trained projector; starting without one is worth a warning.
+        log.warning("llm.path=%s is a %s folder but holds no %s tensors: both projectors start random",
+                    base.path, LLAVA_MODEL_TYPE, " / ".join(f"{p}*" for p in PROJECTOR_PREFIXES.values()))

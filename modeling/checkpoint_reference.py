@@ -202,6 +202,13 @@ def _reference_state(model, state: dict, source: str, load_towers: bool, ignore_
     return out
 
 
+def _warn_without_towers(state: dict, source: str, load_towers: bool) -> None:
+    """load_towers=True on files that hold no tower copy would silently keep the towers of clip.path / dino.path."""
+    if load_towers and not any(k.startswith(tuple(f"{t}." for t in _TOWER_MODULES.values())) for k in state):
+        log.warning("%s: load_towers=True but the files hold no %s tensors; the towers come from clip.path / "
+                    "dino.path", source, " / ".join(f"{p}*" for p in _TOWER_MODULES))
+
+
 def _load_reference_state(model, state: dict, source: str) -> None:
     """Copy clean-keyed reference tensors into the model (everything but LoRA; the
     towers only when `state` holds them)."""
@@ -299,6 +306,7 @@ def import_reference(directory: str | Path, base_config: ModelConfig | None = No
         with _init_context(cfg):
             model = FakeReasoningModel(cfg, tok)
         state = _reference_state(model, read_weights(d), str(d), load_towers, ignore_prefixes)
+        _warn_without_towers(state, str(d), load_towers)
         _load_reference_state(model, state, str(d))
         reset_lora(model)
         return model.eval(), tok
@@ -320,6 +328,7 @@ def import_reference(directory: str | Path, base_config: ModelConfig | None = No
     extra = _reference_state(model, read_tensor_file(d / NON_LORA_FILE), str(d / NON_LORA_FILE), load_towers,
                              ignore_prefixes, strip="base_model.model.")
     state.update(extra)
+    _warn_without_towers(state, f"{bdir} + {d / NON_LORA_FILE}", load_towers)
     _load_reference_state(model, state, f"{bdir} + {d / NON_LORA_FILE}")
     load_adapter_file(model, adapter_files[0], adapter_cfg)
     return model.eval(), tok

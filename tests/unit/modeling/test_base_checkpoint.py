@@ -264,3 +264,13 @@ def test_inspect_base_names_tensors_without_reading_them(tok, tmp_path):
     got = base.read(["model.mm_projector.2.bias"])
     assert list(got) == ["model.mm_projector.2.bias"] and torch.equal(got["model.mm_projector.2.bias"],
                                                                        tensors["model.mm_projector.2.bias"])
+
+
+def test_a_llava_folder_without_projectors_is_warned(tok, tmp_path, caplog):
+    vocab = len(tok)
+    tensors = {k: v for k, v in base_tensors(vocab).items() if not k.startswith("model.mm_projector.")}
+    d = write_folder(tmp_path / "llava-no-projector", tensors, llava_config(vocab), "safetensors", 1)
+    with caplog.at_level(logging.WARNING, logger="modeling.base_checkpoint"):
+        build(config_at(d), tok)
+    assert "holds no model.mm_projector.* / model.dino_mm_projector.* tensors: both projectors start random" \
+        in caplog.text
