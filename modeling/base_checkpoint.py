@@ -189,7 +189,8 @@ def check_llava_fields(ref: dict, cfg: ModelConfig, source: str) -> None:
         raise CheckpointError(f"{source}: mm_vision_select_feature={feature!r}; only 'patch' is supported")
 
 
-def init_projectors_from_base(cfg: ModelConfig, projectors: dict[str, nn.Module]) -> None:
+def init_projectors_from_base(cfg: ModelConfig, projectors: dict[str, nn.Module],
+                              base: BaseCheckpoint | None = None) -> None:
     """Copy the projector weights of the folder at `cfg.llm.path` into `projectors`
     (name -> module, keys of PROJECTOR_PREFIXES); those absent keep their random init.
 
@@ -198,7 +199,7 @@ def init_projectors_from_base(cfg: ModelConfig, projectors: dict[str, nn.Module]
     """
     if not cfg.llm.path:
         return
-    base = inspect_base(cfg.llm.path)
+    base = base if base is not None else inspect_base(cfg.llm.path)  # the caller's scan, when it has one
     source = str(base.path / "config.json")
     found = {name: base.names_under(PROJECTOR_PREFIXES[name]) for name in projectors}
     # The mm_* fields describe a llava_llama folder's projectors; elsewhere (a LLaMA

@@ -7,13 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeling.base_checkpoint import check_llm_tensors, inspect_base
+from modeling.base_checkpoint import BaseCheckpoint, check_llm_tensors, inspect_base
 from modeling.config import ConfigError, LLMConfig, LoRAConfig, ModelConfig
 from modeling.vision import torch_dtype
 
 
 def build_llm(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None = None,
-              bos_token_id: int | None = None, eos_token_id: int | None = None) -> nn.Module:
+              bos_token_id: int | None = None, eos_token_id: int | None = None,
+              base: BaseCheckpoint | None = None) -> nn.Module:
     """The causal LM, in `cfg.dtype`, with `cfg.llm.attn_implementation`.
 
     vocab_size: the tokenizer's length; a random-init LLM gets
@@ -30,7 +31,7 @@ def build_llm(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None
     lc = cfg.llm
     dtype = torch_dtype(cfg.dtype)
     if lc.path:
-        base = inspect_base(lc.path)
+        base = base if base is not None else inspect_base(lc.path)  # the caller's scan, when it has one
         # A llava_llama folder (by its config.json) gets the LlamaConfig inside its
         # config; transformers does not know the model_type. The weights are still read
         # by from_pretrained, which partitions them under ZeRO-3 as they load.

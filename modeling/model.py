@@ -18,7 +18,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from modeling import cpm as cpm_math
-from modeling.base_checkpoint import init_projectors_from_base
+from modeling.base_checkpoint import init_projectors_from_base, inspect_base
 from modeling.config import ConfigError, ModelConfig
 from modeling.fusion import ForgeryAwareFusion
 from modeling.llm import apply_lora, build_llm, causal_lm, llm_dtype
@@ -124,9 +124,12 @@ class FakeReasoningModel(nn.Module):
         dtype = torch_dtype(cfg.dtype)
         for m in (self.clip_projector, self.dino_projector, self.fusion):
             m.to(dtype)
-        self.llm = apply_lora(build_llm(cfg, vocab, pad, bos, eos), cfg.lora)
+        # The base folder's files are listed once, for the LLM and the projectors.
+        base = inspect_base(cfg.llm.path) if cfg.llm.path else None
+        self.llm = apply_lora(build_llm(cfg, vocab, pad, bos, eos, base=base), cfg.lora)
         # A LLaVA base at llm.path carries the projectors' starting weights (fusion stays random).
-        init_projectors_from_base(cfg, {"clip_projector": self.clip_projector, "dino_projector": self.dino_projector})
+        init_projectors_from_base(cfg, {"clip_projector": self.clip_projector, "dino_projector": self.dino_projector},
+                                  base)
         for tower, tcfg in ((self.clip_tower, cfg.clip), (self.dino_tower, cfg.dino)):
             tower.requires_grad_(not tcfg.freeze)
 
