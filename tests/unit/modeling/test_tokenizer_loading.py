@@ -137,7 +137,7 @@ def test_plain_autotokenizer_is_not_sentencepiece_exact(sp_folder, llama_scored_
     """Canary for the issue: transformers' own build of such a folder gives other ids than SentencePiece.
 
     If this starts failing, transformers builds these folders correctly now and
-    the rebuild in modeling/tokenizer_loading.py could be dropped (the load-time
+    the rebuild in modeling/sentencepiece_tokenizer.py could be dropped (the load-time
     check should stay).
     """
     texts = probes()
