@@ -12,190 +12,32 @@ section override; `data` is the data stream's own DataConfig.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
 from modeling.config import ModelConfig
 from modeling.flops import PEAK_TFLOPS
+from pipeline.config_loading import _build, deep_merge, parse_overrides
+# The sections are re-exported: `from pipeline.config import WandbConfig` keeps working.
+from pipeline.config_sections import (  # noqa: F401
+    NONFINITE_POLICIES,
+    PRECISIONS,
+    CheckpointConfig,
+    CpmCheckConfig,
+    OptimConfig,
+    PerfConfig,
+    ScheduleConfig,
+    TokenizerConfig,
+    TrainConfigError,
+    WandbConfig,
+    ZeroConfig,
+)
 from pipeline.data.config import DataConfig
-
-
-class TrainConfigError(ValueError):
-    """A recipe or override is invalid; the message names the field."""
-
-
-@dataclass
-class TokenizerConfig:
-    """Where the tokenizer comes from."""
-
-    path: str | None = None
-    """A transformers tokenizer directory (the LLM's own for the paper recipe).
-    None builds a small byte-level BPE tokenizer from the conversations of the
-    training shards (tiny preset), saved under `<output_dir>/tokenizer`."""
-    vocab_size: int = 1024
-    """Vocabulary bound of the built tokenizer (ignored when `path` is set)."""
-    corpus_samples: int = 2000
-    """Training samples read from the shards to build the tokenizer."""
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and its learning-rate schedule."""
-
-    lr: float = 2e-5
-    """Peak learning rate of the LLM's LoRA adapters (and of everything that is
-    not a projector)."""
-    projector_lr: float | None = None
-    """Peak learning rate of the two projectors and the fusion module; None
-    uses `lr` (the paper uses the same 2e-5)."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay (not applied to biases and norms)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW (beta1, beta2)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    warmup_ratio: float = 0.03
-    """Share of the total optimizer steps spent in linear warm-up from 0."""
-    warmup_steps: int | None = None
-    """Warm-up length in steps; overrides warmup_ratio when set."""
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """Decay after warm-up: cosine down to min_lr_ratio x lr, or constant."""
-    min_lr_ratio: float = 0.0
-    """Floor of the cosine decay as a fraction of the peak learning rate."""
-
-
-@dataclass
-class ScheduleConfig:
-    """How long to train and how a step is made. The micro-batch size per rank
-    is `data.batch_size` (the loader owns it)."""
-
-    epochs: float | None = 3.0
-    """Passes over the training shards (fractions allowed); ignored when max_steps is set."""
-    max_steps: int | None = None
-    """Optimizer steps to run; when set it decides the length (and the cosine horizon)."""
-    stop_at_step: int | None = None
-    """End this run (with a checkpoint, without the export) once global_step
-    reaches this, keeping the schedule's horizon: a time slice of a longer job
-    on a preemptible queue, continued later with checkpoint.resume=auto."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clipping threshold; 0 disables clipping."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (LLM layers) to save memory."""
-    log_every: int = 1
-    """Log metrics every this many optimizer steps."""
-    seed: int = 42
-    """Seed of model initialisation and of per-step dropout (resume-invariant)."""
-
-
-@dataclass
-class ZeroConfig:
-    """DeepSpeed ZeRO settings (the generated DeepSpeed JSON)."""
-
-    stage: int = 3
-    """ZeRO stage 0-3: 3 partitions parameters, gradients and optimizer states."""
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    """Keep optimizer states (and the step) on the CPU."""
-    offload_param: Literal["none", "cpu"] = "none"
-    """Keep partitioned parameters on the CPU (stage 3 only)."""
-    overlap_comm: bool = True
-    """Overlap gradient reduction with the backward pass."""
-    reduce_bucket_size: int = 50_000_000
-    """Elements per gradient reduce bucket."""
-    stage3_prefetch_bucket_size: int = 50_000_000
-    """Elements of parameters prefetched ahead of use (stage 3)."""
-    stage3_param_persistence_threshold: int = 100_000
-    """Parameters smaller than this many elements stay unpartitioned (stage 3);
-    set 0 to partition everything."""
-    deepspeed_config: str | None = None
-    """A DeepSpeed JSON of your own, used instead of the generated one (batch
-    sizes, clipping and precision are still checked against this config)."""
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpoints, resume and the final export."""
-
-    dir: str | None = None
-    """Checkpoint folder; None: `<output_dir>/checkpoints`."""
-    every_steps: int = 500
-    """Save every this many optimizer steps (0: only at the end)."""
-    keep_last: int = 2
-    """Complete checkpoints kept (older ones are deleted after a newer one completes)."""
-    resume: str | None = None
-    """"auto": continue from the newest complete checkpoint in `dir` if there
-    is one; a path: that checkpoint tag folder; None: start fresh."""
-    save_final: bool = True
-    """Save a DeepSpeed checkpoint after the last step."""
-    export: bool = True
-    """After the last step write the LoRA adapter + trainables and the merged model."""
-
-
-@dataclass
-class WandbConfig:
-    """Weights & Biases tracking (global rank 0 only)."""
-
-    project: str = "fakereasoning"
-    """W&B project."""
-    entity: str | None = None
-    """W&B entity (team or user); None: the account default."""
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto: online when credentials exist and the server answers, else offline."""
-    name: str | None = None
-    """Run name; None lets W&B choose."""
-    dir: str | None = None
-    """Folder that receives `wandb/`; None: the output folder."""
-    group: str | None = None
-    """Run group (e.g. a sweep or an ablation)."""
-    tags: list[str] = field(default_factory=list)
-    """Run tags."""
-    init_timeout: float = 60.0
-    """Seconds wandb.init may take before falling back to offline."""
-
-
-@dataclass
-class CpmCheckConfig:
-    """Guards against a CPM that silently never fires (its loss would be zero)."""
-
-    prefix_samples: int = 1000
-    """Training answers read at start-up to resolve model.cpm.answer_prefix="auto"
-    (their most common spelling of the conclusion) and to check an explicit one."""
-    abort_after_steps: int = 10
-    """Stop the run when its first this many optimizer steps found no CPM position
-    in any sample, naming the conclusion text expected (0: never stop). Every
-    step without one is also logged as a warning with the batch's sample keys."""
-
-
-@dataclass
-class PerfConfig:
-    """Model FLOPs utilisation (perf/mfu): the peak one device could deliver.
-
-    perf/mfu = model FLOPs of the step's real tokens (modeling.flops) /
-    (step time x ranks x peak). Without a peak (CPU, an unknown GPU) perf/mfu is
-    not logged; perf/model_tflops_per_s (achieved, per rank) always is."""
-
-    peak_tflops: float | None = None
-    """Dense peak TFLOP/s of one device in the training precision; null takes
-    it from `gpu`. Set it for a GPU the table lacks or a precision it does not
-    describe (the table is bf16/fp16 tensor cores; fp32 runs are lower)."""
-    gpu: str = "auto"
-    """Which entry of modeling.flops.PEAK_TFLOPS gives the peak when
-    peak_tflops is null: "auto" matches torch.cuda.get_device_name() of the
-    rank's device against the table (no CUDA device or no match: no perf/mfu,
-    with a log line saying why), or a table key such as "H100" or "A100"."""
-
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -259,41 +101,6 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- loading
 
-def parse_overrides(items: list[str]) -> dict:
-    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise TrainConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not p for p in key.split(".")):
-            raise TrainConfigError(f"override {item!r}: empty field name")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise TrainConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise TrainConfigError(f"override {item!r}: {p} was already set to a scalar")
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
     """Recipe YAML (may be None: defaults) + overrides -> validated TrainConfig."""
     raw: dict = {}
@@ -334,78 +141,6 @@ def config_from_dict(raw: dict) -> TrainConfig:
     cfg = _build(TrainConfig, raw, "", preset_fields={"model": model, "data": data})
     cfg.model_preset = preset
     return cfg.validate()
-
-
-def _build(cls, data: dict, prefix: str, preset_fields: dict | None = None):
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise TrainConfigError(f"unknown field {prefix}{unknown[0]} (known in {prefix.rstrip('.') or 'top level'}: "
-                               f"{sorted(fields)})")
-    kwargs = dict(preset_fields or {})
-    for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, f"{name}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise TrainConfigError(f"{name} must not be null")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, name)
-            except TrainConfigError as e:
-                errors.append(str(e))
-        raise TrainConfigError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            raise TrainConfigError(f"{name}={value!r} is not one of {list(args)}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise TrainConfigError(f"{name} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise TrainConfigError(f"{name} must have {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        seq = [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-        return tuple(seq) if origin is tuple else seq
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TrainConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TrainConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TrainConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise TrainConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    return value
 
 
 def _check_train(c: TrainConfig) -> None:
