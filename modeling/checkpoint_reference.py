@@ -35,7 +35,7 @@ from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-from modeling.base_checkpoint import PROJECTOR_PREFIXES, TOWER_PREFIXES, check_llava_fields
+from modeling.base_checkpoint import FUSION_PREFIX, PROJECTOR_PREFIXES, TOWER_PREFIXES, check_llava_fields
 from modeling.checkpoint_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -62,7 +62,7 @@ _PROJECTORS = tuple((ref, ours + ".") for ours, ref in PROJECTOR_PREFIXES.items(
 _TOWER_MODULES = {"model.vision_tower.": "clip_tower", "model.dino_tower.": "dino_tower"}
 # Buffers that older transformers saved and the current towers recompute.
 _RECOMPUTED = re.compile(r"(^|\.)position_ids$")
-_FUSION = "model.crossattention."
+_FUSION = FUSION_PREFIX
 # The reference LayerNorm names its affine parameters a_2 (scale) and b_2 (shift).
 _NORM_PARAMS = {"a_2": "weight", "b_2": "bias"}
 # Our tower weights come from clip.path / dino.path, never from reference files.

@@ -46,8 +46,8 @@ MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels", "forger
 # Layout of the per-micro-batch all-reduced statistics. _TOKENS: real LLM
 # positions (sum of L_i), _TOKENS_SQ: sum of L_i^2 (attention FLOPs),
 # _POSITIONS: LLM positions with padding, _WAIT: seconds waiting for the loader.
-_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE, _FOUND, _TOKENS_SQ, _POSITIONS, _WAIT = range(12)
 _NUM_STATS = 12
+_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE, _FOUND, _TOKENS_SQ, _POSITIONS, _WAIT = range(_NUM_STATS)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -348,13 +348,8 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
 def timed(batches, started: float):
     """(seconds the loader took to yield it, batch) for each batch; the first wait
     counts from `started` (opening the loader: worker start-up and its first batch)."""
-    it = iter(batches)
     t = started
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
+    for batch in batches:
         yield time.perf_counter() - t, batch
         t = time.perf_counter()  # resumed: the micro-step that used the batch is done
 
