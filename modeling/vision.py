@@ -27,7 +27,6 @@ module's forward.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -212,12 +211,13 @@ def read_official_dino_checkpoint(path: str, d: DinoTowerConfig) -> dict[str, to
     blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2,
     ls2.gamma}.*, norm.*), checked against the dino.* sizes. `.pth` is read with
     weights_only=True; `.safetensors` also works."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not state:
+    from modeling.checkpoint_io import CheckpointError, read_tensor_file
+
+    try:
+        state = read_tensor_file(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"dino.path={path}: {exc}") from exc
+    if not state:
         raise ConfigError(f"dino.path={path}: not a state dict")
     absent = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state]
     if absent:
@@ -271,22 +271,12 @@ def _hf_dino_config(d: DinoTowerConfig, image_size: int):
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers model directory (single or sharded files)."""
-    from safetensors.torch import load_file
+    from modeling.checkpoint_io import CheckpointError, read_weights
 
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            files = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            break
-    else:
-        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()][:1]
-    if not files:
-        raise ConfigError(f"dino.path={path}: no model.safetensors or pytorch_model.bin (nor an "
-                          f"index of shards) in this directory")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(path / f)) if f.endswith(".safetensors")
-                     else torch.load(str(path / f), map_location="cpu", weights_only=True))
-    return state
+    try:
+        return read_weights(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"dino.path={path}: {exc}") from exc
 
 
 def _build_hf_dino(cfg: ModelConfig, dtype: torch.dtype):
