@@ -78,7 +78,7 @@ def make_shards(work: str, train_images: int) -> str:
 def make_tokenizer(train: str, work: str):
     """The tokenizer a run with tokenizer.path null builds (same corpus, same size)."""
     from modeling.tokenizer import build_bpe_tokenizer, demo_corpus
-    from pipeline.config import TokenizerConfig
+    from pipeline.training.config import TokenizerConfig
     from pipeline.training.run import shard_corpus
     from sharding.schema import ATTRIBUTES, EVAL_QUESTION
 

@@ -56,7 +56,7 @@ def run_stage(stage: int, shards: str, args) -> dict:
 
         shutil.rmtree(out)
     overrides = [f"output_dir={out}", f"data.train_shards={os.path.join(shards, 'train')}",
-                 f"data.batch_size={args.batch_size}", f"zero.stage={stage}", f"schedule.max_steps={args.steps}",
+                 f"data.batch_size={args.batch_size}", f"zero.stage={stage}", f"loop.max_steps={args.steps}",
                  "checkpoint.every_steps=0", "checkpoint.save_final=false", "checkpoint.export=false",
                  "checkpoint.resume=null", "wandb.mode=disabled"]
     if stage != 3:

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     # adapt (LM loss 6.9 -> 6.4 in 225 steps), so the demo trains the whole tiny
     # LLM (6.2 -> 0.5). The paper recipe, and the tests, keep LoRA.
     overrides = [f"output_dir={out}", f"data.train_shards={os.path.join(shards, 'train')}",
-                 f"schedule.epochs={args.epochs}", "checkpoint.resume=auto", "wandb.mode=offline",
+                 f"loop.epochs={args.epochs}", "checkpoint.resume=auto", "wandb.mode=offline",
                  "model.lora.enabled=false", "optim.lr=3e-3", "optim.projector_lr=3e-3", *MODEL_OVERRIDES,
                  *args.overrides]
     run_training(RECIPE, overrides, os.path.join(out, "train.log"), num_ranks=args.ranks, echo=True)

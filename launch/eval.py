@@ -89,7 +89,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.config import WandbConfig
+    from pipeline.tracking import WandbConfig
     from pipeline.evaluation.config import EvalConfig, EvalConfigError
 
     names = [n for n, _ in args.benchmark]

@@ -218,7 +218,7 @@ rm -rf "$out"
 echo "multinode selftest: $steps training step(s) of $(basename "$recipe") on all ranks, log $workdir/train.log"
 set +e
 (cd "$workdir" && "${launcher[@]}" "$repo/launch/train.py" --config "$recipe" "data.train_shards=$shards_train" \
-  "output_dir=$out" "schedule.max_steps=$steps" "checkpoint.every_steps=$steps" checkpoint.export=false \
+  "output_dir=$out" "loop.max_steps=$steps" "checkpoint.every_steps=$steps" checkpoint.export=false \
   ${overrides[@]+"${overrides[@]}"}) > "$workdir/train.log" 2>&1
 train_rc=$?
 set -e

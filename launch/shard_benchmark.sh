@@ -3,7 +3,7 @@
 #   bash launch/shard_benchmark.sh NAME SRC OUT [options]   (--help for options, --list for layouts)
 # NAME: genimage, chameleon, universalfakedetect, community-forensics-eval, celeb-df, ffpp,
 # or an adapter (folder, manifest, parquet, video) for any other dataset.
-# Thin wrapper over `python -m sharding.benchmarks` (interpreter: launch/python_env.sh).
+# Thin wrapper over `python -m sharding.eval_sets` (interpreter: launch/python_env.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
-exec "$py" -m sharding.benchmarks "$@"
+exec "$py" -m sharding.eval_sets "$@"

@@ -31,7 +31,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.config import TrainConfigError, load_train_config
+    from pipeline.training.config import TrainConfigError, load_train_config
 
     overrides = list(args.overrides)
     if args.resume is not None:

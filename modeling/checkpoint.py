@@ -65,7 +65,7 @@ BASE_WEIGHTS = "base_weights.safetensors"
 
 __all__ = [
     "CheckpointError", "save_trainable", "load_trainable", "export_merged", "load_pretrained",
-    "load_checkpoint", "import_reference", "lora_state_dict", "checkpoint_parameters",
+    "load_for_inference", "import_reference", "lora_state_dict", "checkpoint_parameters",
 ]
 
 
@@ -210,7 +210,7 @@ def load_pretrained(directory: str | Path, config_overrides: dict | None = None)
     return model.eval(), tokenizer
 
 
-def load_checkpoint(directory: str | Path, config_overrides: dict | None = None):
+def load_for_inference(directory: str | Path, config_overrides: dict | None = None):
     """(model, tokenizer) from a merged directory or a trainable checkpoint, told apart by their files.
 
     A trainable checkpoint rebuilds the model from its model_config.json: the

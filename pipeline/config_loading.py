@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config_sections import TrainConfigError
+from pipeline.training.config_sections import TrainConfigError
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -49,12 +49,23 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Fields that were renamed: an old recipe fails with the new name instead of "unknown field".
+RENAMED_FIELDS = {
+    "schedule": "loop",
+    "optim.schedule": "optim.lr_schedule",
+}
+
+
 def _build(cls, data: dict, prefix: str, preset_fields: dict | None = None):
     if not isinstance(data, dict):
         raise TrainConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    for name in unknown:
+        if f"{prefix}{name}" in RENAMED_FIELDS:
+            raise TrainConfigError(f"{prefix}{name} was renamed to {RENAMED_FIELDS[prefix + name]}: "
+                                   f"rename the key in the recipe or override")
     if unknown:
         raise TrainConfigError(f"unknown field {prefix}{unknown[0]} (known in {prefix.rstrip('.') or 'top level'}: "
                                f"{sorted(fields)})")

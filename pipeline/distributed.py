@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from pipeline.config import TrainConfig, TrainConfigError
+from pipeline.training.config import TrainConfig, TrainConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,12 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     z = cfg.zero
     o = cfg.optim
     mb = cfg.data.batch_size
-    ga = cfg.schedule.grad_accum
+    ga = cfg.loop.grad_accum
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": ga,
         "train_batch_size": mb * ga * world_size,
-        "gradient_clipping": cfg.schedule.grad_clip,
+        "gradient_clipping": cfg.loop.grad_clip,
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
@@ -102,7 +102,7 @@ def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         elif user[key] != generated[key]:
             raise TrainConfigError(
                 f"zero.deepspeed_config: {path} sets {key}={user[key]} but the training config gives "
-                f"{generated[key]} (data.batch_size, schedule.grad_accum, schedule.grad_clip, world size); "
+                f"{generated[key]} (data.batch_size, loop.grad_accum, loop.grad_clip, world size); "
                 "use \"auto\" or make them agree")
     for key in ("bf16", "fp16"):
         section = user.setdefault(key, {})
@@ -434,7 +434,7 @@ def is_universal_checkpoint(path: str) -> bool:
 
 def enable_universal_load(ds_config: dict) -> dict:
     """Ask DeepSpeed to load a universal checkpoint (one that can be loaded on any
-    number of ranks) with the next `load_checkpoint`; it must be set before
+    number of ranks) with the next `engine.load_checkpoint`; it must be set before
     `deepspeed.initialize`, since the engine reads it from its config."""
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return ds_config

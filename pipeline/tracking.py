@@ -16,7 +16,31 @@ import os
 import time
 from typing import Any
 
-from pipeline.config import WandbConfig
+from dataclasses import dataclass, field
+from typing import Literal
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking (global rank 0 only)."""
+
+    project: str = "fakereasoning"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None: the account default."""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when credentials exist and the server answers, else offline."""
+    name: str | None = None
+    """Run name; None lets W&B choose."""
+    dir: str | None = None
+    """Folder that receives `wandb/`; None: the output folder."""
+    group: str | None = None
+    """Run group (e.g. a sweep or an ablation)."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+    init_timeout: float = 60.0
+    """Seconds wandb.init may take before falling back to offline."""
+
+
 
 log = logging.getLogger(__name__)
 

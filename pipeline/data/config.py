@@ -1,6 +1,6 @@
 """Typed configuration of the training data stream (shards -> batches).
 
-The training config (pipeline/config.py) nests one `DataConfig` under `data`;
+The training config (pipeline/training/config.py) nests one `DataConfig` under `data`;
 every error raised here names the field as `data.<field>` so that a bad recipe
 or command-line override points at the line to fix.
 """
@@ -71,7 +71,7 @@ class DataConfig:
 
     max_length: int = 2048
     """Longest tokenised example, the <image> placeholder counted as one id (the
-    model widens it to its image tokens; pipeline/config.py checks the sum
+    model widens it to its image tokens; pipeline/training/config.py checks the sum
     against the LLM's positions)."""
 
     overlong: str = "truncate"

@@ -5,7 +5,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.config import WandbConfig
+from pipeline.tracking import WandbConfig
 
 
 class EvalConfigError(ValueError):
@@ -41,7 +41,7 @@ class EvalConfig:
     set_name: str = "mmfr"
     """Name of the `shards` set in the reports."""
     benchmarks: dict[str, str] = field(default_factory=dict)
-    """Cross-dataset benchmark shard folders, name -> OUT of `sharding.benchmarks`."""
+    """Cross-dataset benchmark shard folders, name -> OUT of `sharding.eval_sets`."""
     protocol: str = "ours"
     """Evaluation protocol, one of PROTOCOLS: prompt, decoding, parser, selection and
     CSS of empty hypotheses (see PROTOCOL_GENERATION)."""

@@ -47,7 +47,7 @@ REFERENCE_MODEL_TYPE = "llava_llama"
 
 def load_model(cfg: EvalConfig):
     """(model, tokenizer, format) for this project's formats or the reference's."""
-    from modeling.checkpoint import import_reference, load_checkpoint
+    from modeling.checkpoint import import_reference, load_for_inference
     from modeling.config import ModelConfig
 
     d = Path(cfg.checkpoint)
@@ -61,7 +61,7 @@ def load_model(cfg: EvalConfig):
         model, tok = import_reference(d, base, base_model_dir=cfg.reference_base_model)
         return model, tok, "reference"
     overrides = {"dtype": cfg.dtype} if cfg.dtype else None
-    model, tok = load_checkpoint(d, overrides)
+    model, tok = load_for_inference(d, overrides)
     return model, tok, "fakereasoning"
 
 

@@ -279,7 +279,7 @@ def needs_final_save(ckpt_dir: str, step: int, save_final: bool) -> bool:
     return save_final and not is_complete(ckpt_dir, tag_for(step))
 
 
-def load_checkpoint(engine, ckpt_dir: str, tag: str) -> TrainState:
+def restore_train_state(engine, ckpt_dir: str, tag: str) -> TrainState:
     """All ranks: restore model, optimizer, scheduler and the training state."""
     client = dist.load_engine_checkpoint(engine, ckpt_dir, tag)
     state = TrainState.from_client_state(client)

@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from pipeline import distributed as dist
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.training import checkpointing as ckpt
 from pipeline.training.loop import CpmWatch, LoopContext, device_peak_flops, run_loop
-from pipeline.training.schedule import build_schedule
+from pipeline.training.lr_schedule import build_schedule
 
 log = logging.getLogger("pipeline.training")
 
@@ -161,18 +161,18 @@ def build_model(cfg: TrainConfig, tokenizer, skip_init: bool = False):
     from modeling.checkpoint_io import skip_weight_init
     from modeling.model import FakeReasoningModel
 
-    torch.manual_seed(cfg.schedule.seed)
+    torch.manual_seed(cfg.loop.seed)
     with skip_weight_init() if skip_init else contextlib.nullcontext():
         model = FakeReasoningModel.from_config(cfg.model, tokenizer)
-    if cfg.schedule.gradient_checkpointing:
+    if cfg.loop.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
 
 
 def total_optimizer_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
-    if cfg.schedule.max_steps is not None:
-        return cfg.schedule.max_steps
-    return max(1, math.floor(cfg.schedule.epochs * batches_per_epoch / cfg.schedule.grad_accum))
+    if cfg.loop.max_steps is not None:
+        return cfg.loop.max_steps
+    return max(1, math.floor(cfg.loop.epochs * batches_per_epoch / cfg.loop.grad_accum))
 
 
 def write_run_files(cfg: TrainConfig, ds_config: dict, info: dist.DistInfo) -> None:
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
         model = build_model(cfg, tokenizer)
     bpe = batches_per_epoch(cfg.data, info.world_size)
     total = total_optimizer_steps(cfg, bpe)
-    schedule = build_schedule(total, cfg.optim.warmup_ratio, cfg.optim.warmup_steps, cfg.optim.schedule,
+    schedule = build_schedule(total, cfg.optim.warmup_ratio, cfg.optim.warmup_steps, cfg.optim.lr_schedule,
                               cfg.optim.min_lr_ratio)
     groups = dist.param_groups(model, cfg.optim.lr, cfg.optim.projector_lr or cfg.optim.lr,
                                cfg.optim.weight_decay)
@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> dict:
 
     state = ckpt.TrainState(data_seed=cfg.data.seed, world_size=info.world_size)
     if resume is not None:
-        state = ckpt.load_checkpoint(engine, resume.dir, resume.tag)
+        state = ckpt.restore_train_state(engine, resume.dir, resume.tag)
         saved = (state.extra or {}).get("stream")
         if saved is not None and saved != identity and info.is_main:
             log.warning("resuming with a different data stream identity (world size, workers, batch size "
@@ -298,11 +298,11 @@ def train(cfg: TrainConfig) -> dict:
 
         progress = tqdm(total=total, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
     ctx = LoopContext(make_loader=make_loader, batches_per_epoch=bpe, total_steps=total, rank=info.rank,
-                      world_size=info.world_size, seed=cfg.schedule.seed, nonfinite=cfg.nonfinite,
+                      world_size=info.world_size, seed=cfg.loop.seed, nonfinite=cfg.nonfinite,
                       dtype=dist.TORCH_DTYPES[cfg.model.dtype], image_tokens=cfg.model.num_image_tokens,
-                      log_every=cfg.schedule.log_every, checkpoint_every=cfg.checkpoint.every_steps, save=save,
+                      log_every=cfg.loop.log_every, checkpoint_every=cfg.checkpoint.every_steps, save=save,
                       tracker=tracker, metrics_file=os.path.join(cfg.output_dir, "metrics.jsonl") if info.is_main
-                      else None, progress=progress, stop_step=cfg.schedule.stop_at_step,
+                      else None, progress=progress, stop_step=cfg.loop.stop_at_step,
                       cpm_watch=CpmWatch(enabled=cfg.model.cpm.enabled and cfg.model.cpm.weight > 0,
                                          prefix=cfg.model.cpm.resolved_prefix,
                                          abort_after_steps=cfg.cpm_check.abort_after_steps),

@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     from PIL import Image
 
     from pipeline.evaluation.tiny import build_tiny_setup
-    from sharding.benchmarks.cli import main as shard_benchmark
+    from sharding.eval_sets.cli import main as shard_benchmark
 
     root = tmp_path_factory.mktemp("eval")
     s = build_tiny_setup(str(root), eval_images_per_generator=2)

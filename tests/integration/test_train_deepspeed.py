@@ -4,7 +4,7 @@ Three launcher runs serve every test of this module (the launcher is the
 expensive part: ~45 s each on 2 cores):
 
   A   2N optimizer steps in one run, checkpoint every N, final export
-  B1  the same job stopped at step N (schedule.stop_at_step) ...
+  B1  the same job stopped at step N (loop.stop_at_step) ...
   B2  ... and continued with checkpoint.resume=auto to step 2N
 
 with micro-batch 4 x gradient accumulation 2, on shards of 64/64/22 samples
@@ -39,7 +39,7 @@ REQUIRED_KEYS = ("train/loss", "train/lm_loss", "train/cpm_loss", "train/cpm_acc
 
 def _common(shards: Path) -> list[str]:
     return [f"data.train_shards={shards / 'train'}", "data.batch_size=4", "data.num_workers=1",
-            "data.shuffle_buffer=50", "schedule.grad_accum=2", f"schedule.max_steps={2 * N}",
+            "data.shuffle_buffer=50", "loop.grad_accum=2", f"loop.max_steps={2 * N}",
             f"checkpoint.every_steps={N}", "checkpoint.keep_last=3", "wandb.mode=offline", "optim.lr=3e-3",
             "optim.warmup_steps=1"]
 
@@ -50,7 +50,7 @@ def runs(mmfr_shards, tmp_path_factory) -> dict[str, Path]:
     a, b = base / "A", base / "B"
     common = _common(mmfr_shards)
     run_training(RECIPE, common + [f"output_dir={a}"], str(base / "A.log"), timeout=LAUNCH_TIMEOUT)
-    run_training(RECIPE, common + [f"output_dir={b}", f"schedule.stop_at_step={N}", "checkpoint.export=false"],
+    run_training(RECIPE, common + [f"output_dir={b}", f"loop.stop_at_step={N}", "checkpoint.export=false"],
                  str(base / "B1.log"), timeout=LAUNCH_TIMEOUT)
     run_training(RECIPE, common + [f"output_dir={b}", "checkpoint.resume=auto"], str(base / "B2.log"),
                  timeout=LAUNCH_TIMEOUT)

@@ -200,7 +200,7 @@ def job_overrides(shards: Path, out: Path, tokenizer: Path) -> list[str]:
     losses can be compared step by step: 4 optimizer steps of micro-batch 4 on
     2 ranks, a checkpoint every 2, a tokenizer made once for the session."""
     return [f"data.train_shards={shards}", f"output_dir={out}", f"tokenizer.path={tokenizer}",
-            "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=20", f"schedule.max_steps={STEPS}",
+            "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=20", f"loop.max_steps={STEPS}",
             f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=3", "checkpoint.export=false",
             "optim.warmup_steps=1"]
 

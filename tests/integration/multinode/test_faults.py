@@ -192,7 +192,7 @@ def damaged_run(damaged_shards, job_data, job, tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("damaged-run")
     out = base / "out"
     overrides = job.overrides(damaged_shards["dir"], out, job_data["tokenizer"]) + [
-        "schedule.max_steps=12", "data.max_bad_fraction=0.3", "data.bad_check_min_samples=16",
+        "loop.max_steps=12", "data.max_bad_fraction=0.3", "data.bad_check_min_samples=16",
         "data.bad_log_interval_s=0", "wandb.mode=offline"]
     t0 = time.monotonic()
     try:
@@ -279,7 +279,7 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint_via_universal(reference_r
     assert not (universal / "COMPLETE").exists()
     out = tmp_path / "one-rank"
     overrides = job.overrides(job_data["shards"], out, job_data["tokenizer"]) + [
-        f"schedule.max_steps={job.every}", f"checkpoint.resume={universal}", "wandb.mode=offline"]
+        f"loop.max_steps={job.every}", f"checkpoint.resume={universal}", "wandb.mode=offline"]
     run_training(job.recipe, overrides, str(tmp_path / "one-rank.log"), num_ranks=1, timeout=job.timeout)
     log = (tmp_path / "one-rank.log").read_text(errors="replace")
     assert f"resumed from {universal} at step {job.every}" in log

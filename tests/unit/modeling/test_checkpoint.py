@@ -15,7 +15,7 @@ from modeling.checkpoint import (
     checkpoint_parameters,
     export_merged,
     import_reference,
-    load_checkpoint,
+    load_for_inference,
     load_pretrained,
     load_trainable,
     save_trainable,
@@ -110,7 +110,7 @@ def test_trainable_round_trip_is_exact(env, tmp_path):
     assert not torch.equal(logits(other, env["batch"]), env["logits"])  # the load must do the work
     load_trainable(other, tmp_path)
     assert torch.equal(logits(other, env["batch"]), env["logits"])
-    reloaded, _ = load_checkpoint(tmp_path)
+    reloaded, _ = load_for_inference(tmp_path)
     assert torch.equal(logits(reloaded, env["batch"]), env["logits"])
 
 
@@ -124,7 +124,7 @@ def test_trainable_checkpoint_leaves_path_components_to_their_paths(env, tmp_pat
     save_trainable(model, tmp_path)
     base = load_file(tmp_path / "base_weights.safetensors").keys()
     assert base and all(k.startswith("llm.") for k in base)  # towers come from clip.path / dino.path
-    reloaded, _ = load_checkpoint(tmp_path)
+    reloaded, _ = load_for_inference(tmp_path)
     assert torch.equal(logits(reloaded, env["batch"]), logits(model, env["batch"]))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrainConfig, TrainConfigError, load_train_config, parse_overrides
+from pipeline.training.config import TrainConfig, TrainConfigError, load_train_config, parse_overrides
 from pipeline.distributed import build_deepspeed_config, resolve_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -33,11 +33,11 @@ def test_paper_recipe_is_the_paper():
     cfg = load_train_config(PAPER, [])
     assert cfg.model.llm.hidden_size == 5120 and cfg.model.lora.r == 128 and cfg.model.lora.alpha == 256
     assert cfg.precision == "bf16" and cfg.zero.stage == 3
-    assert (cfg.data.batch_size, cfg.schedule.grad_accum) == (8, 2)
+    assert (cfg.data.batch_size, cfg.loop.grad_accum) == (8, 2)
     assert build_deepspeed_config(cfg, world_size=8)["train_batch_size"] == 128
     assert (cfg.optim.lr, cfg.optim.projector_lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
         2e-5, 2e-5, 0.03, 0.0)
-    assert cfg.schedule.epochs == 3 and cfg.schedule.gradient_checkpointing
+    assert cfg.loop.epochs == 3 and cfg.loop.gradient_checkpointing
     assert cfg.data.max_length == 2048
 
 
@@ -55,8 +55,8 @@ def test_overrides_parse_yaml_values():
     ("zero.stage=4", "zero.stage"),
     ("wandb.mode=sometimes", "wandb.mode"),
     ("nonfinite=ignore", "nonfinite"),
-    ("schedule.grad_accum=0", "schedule.grad_accum"),
-    ("schedule.gradient_checkpointing=yes please", "schedule.gradient_checkpointing"),
+    ("loop.grad_accum=0", "loop.grad_accum"),
+    ("loop.gradient_checkpointing=yes please", "loop.gradient_checkpointing"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("checkpoint.resume=/does/not/exist", "checkpoint.resume"),
     ("data.batch_size=0", "data.batch_size"),
@@ -78,7 +78,7 @@ def test_bad_values_name_the_field(override, field):
 @pytest.mark.parametrize("overrides, field", [
     (["zero.stage=2", "zero.offload_param=cpu"], "zero.offload_param"),
     (["zero.stage=0", "zero.offload_optimizer=cpu"], "zero.offload_optimizer"),
-    (["schedule.epochs=null", "schedule.max_steps=null"], "schedule.max_steps"),
+    (["loop.epochs=null", "loop.max_steps=null"], "loop.max_steps"),
     (["data.max_length=1020"], "data.max_length"),
     (["tokenizer.vocab_size=100"], "tokenizer.vocab_size"),
 ])
@@ -89,9 +89,10 @@ def test_bad_combinations_fail_at_load(overrides, field):
 
 def test_every_config_field_has_a_docstring():
     """The typed config documents each field (a docstring right under it)."""
-    tree = ast.parse((REPO / "pipeline" / "config.py").read_text())
+    files = ["pipeline/training/config.py", "pipeline/training/config_sections.py", "pipeline/tracking.py"]
+    nodes = [n for f in files for n in ast.parse((REPO / f).read_text()).body]
     missing = []
-    for node in tree.body:
+    for node in nodes:
         if not (isinstance(node, ast.ClassDef) and any(
                 getattr(d, "id", None) == "dataclass" for d in node.decorator_list)):
             continue
@@ -106,7 +107,7 @@ def test_every_config_field_has_a_docstring():
 
 
 def test_generated_deepspeed_json():
-    cfg = load_train_config(TINY, ["data.batch_size=4", "schedule.grad_accum=3", "schedule.grad_clip=0.5",
+    cfg = load_train_config(TINY, ["data.batch_size=4", "loop.grad_accum=3", "loop.grad_clip=0.5",
                                    "zero.offload_optimizer=cpu", "optim.weight_decay=0.1"])
     ds = build_deepspeed_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from pipeline.config import load_train_config
+from pipeline.training.config import load_train_config
 from pipeline.distributed import DistInfo
 from pipeline.training.run import resolve_cpm_prefix
 

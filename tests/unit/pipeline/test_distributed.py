@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 
 from pipeline import distributed as dist
-from pipeline.config import load_train_config
+from pipeline.training.config import load_train_config
 
 TINY = str(Path(__file__).resolve().parents[3] / "launch" / "recipes" / "tiny-cpu.yaml")
 BANNER = re.compile(r"^rank (\d+)/(\d+): node (\S+)/(\S+) \((\S+)\), local rank (\d+), host (\S+), pid (\d+), "

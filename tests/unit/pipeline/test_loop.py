@@ -308,7 +308,7 @@ def test_device_peak_comes_from_the_config_or_the_gpu_table():
 def test_perf_config_is_validated_naming_the_field():
     from pathlib import Path
 
-    from pipeline.config import TrainConfigError, load_train_config
+    from pipeline.training.config import TrainConfigError, load_train_config
 
     tiny = str(Path(__file__).resolve().parents[3] / "launch" / "recipes" / "tiny-cpu.yaml")
     assert load_train_config(tiny).perf.gpu == "auto" and load_train_config(tiny).perf.peak_tflops is None

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from pipeline.config import WandbConfig
+from pipeline.tracking import WandbConfig
 from pipeline.tracking import read_offline_run, resolve_mode, start_tracking
 
 

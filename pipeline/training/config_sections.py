@@ -1,5 +1,5 @@
 """The sections of the training configuration (one typed dataclass each, a docstring
-per field); assembled into TrainConfig by pipeline.config."""
+per field); assembled into TrainConfig by pipeline.training.config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,14 +44,14 @@ class OptimConfig:
     """Share of the total optimizer steps spent in linear warm-up from 0."""
     warmup_steps: int | None = None
     """Warm-up length in steps; overrides warmup_ratio when set."""
-    schedule: Literal["cosine", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     """Decay after warm-up: cosine down to min_lr_ratio x lr, or constant."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine decay as a fraction of the peak learning rate."""
 
 
 @dataclass
-class ScheduleConfig:
+class LoopConfig:
     """How long to train and how a step is made. The micro-batch size per rank
     is `data.batch_size` (the loader owns it)."""
 
@@ -116,28 +116,6 @@ class CheckpointConfig:
     """Save a DeepSpeed checkpoint after the last step."""
     export: bool = True
     """After the last step write the LoRA adapter + trainables and the merged model."""
-
-
-@dataclass
-class WandbConfig:
-    """Weights & Biases tracking (global rank 0 only)."""
-
-    project: str = "fakereasoning"
-    """W&B project."""
-    entity: str | None = None
-    """W&B entity (team or user); None: the account default."""
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto: online when credentials exist and the server answers, else offline."""
-    name: str | None = None
-    """Run name; None lets W&B choose."""
-    dir: str | None = None
-    """Folder that receives `wandb/`; None: the output folder."""
-    group: str | None = None
-    """Run group (e.g. a sweep or an ablation)."""
-    tags: list[str] = field(default_factory=list)
-    """Run tags."""
-    init_timeout: float = 60.0
-    """Seconds wandb.init may take before falling back to offline."""
 
 
 @dataclass

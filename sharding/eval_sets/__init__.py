@@ -10,7 +10,7 @@ manifest.json, sizes.json) with the MMFR sharder's writer and schema:
 - `video`    (video.py):   frames sampled from real/fake video folders.
 
 `registry.BENCHMARKS` maps benchmark names to an adapter and documents their
-layout; `python -m sharding.benchmarks NAME SRC OUT` (cli.py) runs one.
+layout; `python -m sharding.eval_sets NAME SRC OUT` (cli.py) runs one.
 """
 from .registry import ADAPTERS, BENCHMARKS, Benchmark
 

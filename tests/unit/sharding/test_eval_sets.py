@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from sharding import schema
-from sharding.benchmarks.cli import main as cli_main
-from sharding.benchmarks.common import STAGING_DIR
-from sharding.benchmarks.parquet import sniff_ext
-from sharding.benchmarks.video import extract_frames
+from sharding.eval_sets.cli import main as cli_main
+from sharding.eval_sets.common import STAGING_DIR
+from sharding.eval_sets.parquet import sniff_ext
+from sharding.eval_sets.video import extract_frames
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -261,7 +261,7 @@ def test_shell_entry_point_and_rerun_is_identical(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     first = (out / "chameleon" / "shard-000000.tar").read_bytes()
-    res = subprocess.run([sys.executable, "-m", "sharding.benchmarks", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "sharding.eval_sets", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert res.returncode == 0 and "genimage" in res.stdout
     assert run("chameleon", src, out) == 0

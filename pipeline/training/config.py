@@ -23,21 +23,20 @@ import yaml
 from modeling.config import ModelConfig
 from modeling.flops import PEAK_TFLOPS
 from pipeline.config_loading import _build, deep_merge, parse_overrides
-# The sections are re-exported: `from pipeline.config import WandbConfig` keeps working.
-from pipeline.config_sections import (  # noqa: F401
+from pipeline.training.config_sections import (  # noqa: F401
     NONFINITE_POLICIES,
     PRECISIONS,
     CheckpointConfig,
     CpmCheckConfig,
     OptimConfig,
     PerfConfig,
-    ScheduleConfig,
+    LoopConfig,
     TokenizerConfig,
     TrainConfigError,
-    WandbConfig,
     ZeroConfig,
 )
 from pipeline.data.config import DataConfig
+from pipeline.tracking import WandbConfig
 
 
 @dataclass
@@ -56,7 +55,7 @@ class TrainConfig:
     """Training data stream."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     """Length of training and step mechanics."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Training precision; CPU runs use fp32."""
@@ -166,21 +165,21 @@ def _check_train(c: TrainConfig) -> None:
         bad("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         bad("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    s = c.schedule
+    s = c.loop
     if s.max_steps is None and s.epochs is None:
-        bad("schedule.max_steps", "set max_steps or schedule.epochs (both are null)")
+        bad("loop.max_steps", "set max_steps or loop.epochs (both are null)")
     if s.max_steps is not None and s.max_steps < 1:
-        bad("schedule.max_steps", f"must be >= 1, got {s.max_steps}")
+        bad("loop.max_steps", f"must be >= 1, got {s.max_steps}")
     if s.max_steps is None and s.epochs is not None and s.epochs <= 0:
-        bad("schedule.epochs", f"must be > 0, got {s.epochs}")
+        bad("loop.epochs", f"must be > 0, got {s.epochs}")
     if s.stop_at_step is not None and s.stop_at_step < 1:
-        bad("schedule.stop_at_step", f"must be >= 1 or null, got {s.stop_at_step}")
+        bad("loop.stop_at_step", f"must be >= 1 or null, got {s.stop_at_step}")
     if s.grad_accum < 1:
-        bad("schedule.grad_accum", f"must be >= 1, got {s.grad_accum}")
+        bad("loop.grad_accum", f"must be >= 1, got {s.grad_accum}")
     if s.grad_clip < 0:
-        bad("schedule.grad_clip", f"must be >= 0 (0 disables), got {s.grad_clip}")
+        bad("loop.grad_clip", f"must be >= 0 (0 disables), got {s.grad_clip}")
     if s.log_every < 1:
-        bad("schedule.log_every", f"must be >= 1, got {s.log_every}")
+        bad("loop.log_every", f"must be >= 1, got {s.log_every}")
     z = c.zero
     if z.stage not in (0, 1, 2, 3):
         bad("zero.stage", f"must be 0, 1, 2 or 3, got {z.stage}")

@@ -1,4 +1,4 @@
-"""`python -m sharding.benchmarks NAME SRC OUT`: shard one benchmark for evaluation."""
+"""`python -m sharding.eval_sets NAME SRC OUT`: shard one benchmark for evaluation."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ from .video import GENERATOR_RULES, scan_video
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sharding.benchmarks",
+        prog="python -m sharding.eval_sets",
         description="Turn a benchmark's layout into evaluation shard sets OUT/<generator>/shard-*.tar "
                     "(+ manifest.json, sizes.json) in the MMFR sample schema, detection-only when the "
                     "benchmark has no reference reasoning. Evaluate with "
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [r for rs in result.rejected.values() for r in rs if r.kind == "image"]
         if args.strict and bad:
             raise StrictError(f"{bad[0].path}: {bad[0].reason}: {bad[0].detail}")
-        arguments = {"command": "sharding.benchmarks", "benchmark": args.name, "set_name": result.benchmark,
+        arguments = {"command": "sharding.eval_sets", "benchmark": args.name, "set_name": result.benchmark,
                      "src": os.path.abspath(args.src), "adapter_options": adapter_opts,
                      **wopts.output_arguments()}
         summary = write_benchmark(result, args.out_dir, wopts, arguments)

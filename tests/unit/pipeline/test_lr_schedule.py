@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from pipeline.training.schedule import LRSchedule, build_schedule
+from pipeline.training.lr_schedule import LRSchedule, build_schedule
 
 
 def test_warmup_is_linear_and_never_zero():

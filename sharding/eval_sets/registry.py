@@ -1,6 +1,6 @@
 """Known cross-dataset benchmarks: which adapter reads each and the layout it expects.
 
-`python -m sharding.benchmarks --list` prints this table. Any other dataset
+`python -m sharding.eval_sets --list` prints this table. Any other dataset
 can be sharded with an adapter name (`folder`, `manifest`, `parquet`, `video`)
 in place of a benchmark name.
 """
