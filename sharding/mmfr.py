@@ -134,6 +134,9 @@ def _parse_record(rec: Any) -> tuple[str, list[dict[str, str]], int | None, str]
             isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
             for t in turns):
         return _norm(rec["image"]), [], None, "malformed_record"
+    # The schema's turn is exactly {from, value} (METADATA_SCHEMA "conversations"):
+    # any other key of a LLaVA turn is not carried into the shard.
+    turns = [{"from": t["from"], "value": t["value"]} for t in turns]
     answers = [t["value"] for t in turns if t["from"] == "gpt"]
     if not answers:
         return _norm(rec["image"]), turns, None, "malformed_record"

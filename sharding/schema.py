@@ -4,13 +4,49 @@
 module is the single place where field names, generator names and attribute
 names are spelled, so that a typo cannot silently split a stage from another.
 It imports nothing from the rest of the project.
+
+The per-sample `json` member (METADATA_SCHEMA, schema version 2): every
+sample holds every key below, with the type given, whatever the dataset or
+adapter that wrote it; a nullable key is present with the value null rather
+than left out, so that a columnar reader (Hugging Face `datasets`, pandas,
+Arrow) infers one type per key. The writer checks each sample against this
+table (`metadata_problems`). Readers still accept shards of schema 1, which
+may lack the keys of OPTIONAL_METADATA_FIELDS.
+
+| key | JSON type | null | meaning |
+|---|---|---|---|
+| `relpath` | string | no | path of the image relative to the dataset root ("/"-separated) |
+| `source` | string | no | "diffusiondb", "laion", or the evaluation set (generator or benchmark name) |
+| `split` | string | no | "train" or "eval" |
+| `label` | integer | no | 0 real, 1 fake |
+| `generator` | string | no | evaluation: the generator set the image belongs to (reals included); training: the source |
+| `conversations` | list of list of {from: string, value: string} | no | the LLaVA records' "conversations" lists of the image ([] when it has none) |
+| `record_ids` | list of string | no | the LLaVA record "id" of each conversation, same order |
+| `attributes` | object {attribute name: string or null} | yes | attribute texts of <name>_reasoning.json (null texts kept); null without annotation |
+| `reference` | string | no | the non-null attribute texts joined by one space in sorted key order ("" without any) |
+| `has_reasoning` | boolean | no | whether the image has a reasoning annotation |
+| `reasoning_index` | integer | yes | 0-based position of the image's entry in <name>_reasoning.json; null when not listed |
+| `width` | integer | no | pixel width as stored (before any EXIF rotation) |
+| `height` | integer | no | pixel height as stored |
+| `format` | string | no | the decoder's format name ("PNG", "JPEG", ...) |
+| `sha256` | string | no | hex digest of the image bytes stored in the sample |
+| `image_ext` | string | no | extension of the tar member holding the image bytes |
+| `schema` | integer | no | SCHEMA_VERSION of the writer |
+
+Attribute names of MMFR are the ten of ATTRIBUTES (five per label); an
+annotation holds its label's five, some of them null. The image bytes are the
+member `<key>.<image_ext>`, unchanged from the dataset (`sha256` is theirs).
 """
 from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
+from typing import Any, Callable
 
-SCHEMA_VERSION = 1
+# 2: every METADATA_SCHEMA key in every sample, with its declared type (1 let
+# writers leave out `reasoning_index`).
+SCHEMA_VERSION = 2
 
 # The 10 evaluation generators of MMFR, in the reference's order (tables, plots
 # and averages follow this order).
@@ -63,54 +99,109 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp", "gif",
 # Names of the folders that hold real and fake images in evaluation sets.
 EVAL_LABEL_FOLDERS: dict[str, int] = {"0_real": 0, "1_fake": 1}
 
-# Fields of the per-sample `json` member. Documented here once:
-#   relpath       path of the image relative to the dataset root ("/"-separated)
-#   source        top-level source: "diffusiondb", "laion", or the evaluation
-#                 set name (a generator name, or a benchmark's set name)
-#   split         "train" or "eval"
-#   label         0 real, 1 fake
-#   generator     evaluation: the generator set the image belongs to (reals
-#                 included, so that per-generator real accuracy exists);
-#                 training: the source name
-#   conversations list of conversations; each is the LLaVA record's
-#                 "conversations" list of {"from", "value"} turns
-#   record_ids    the LLaVA record "id" of each conversation, same order
-#   attributes    attribute name -> text or None from <name>_reasoning.json,
-#                 or None when the image has no reasoning annotation
-#   reference     the non-null attribute texts joined by one space in sorted
-#                 key order ("" when there is no annotation)
-#   has_reasoning whether `attributes` came from an annotation file
-#   reasoning_index  (optional; MMFR sharder) 0-based position of the image's
-#                 entry in its <name>_reasoning.json, None when not listed.
-#                 The reference evaluation selects images in that file's order.
-#                 Shards written before it existed lack the field; readers
-#                 treat a missing field as "order unknown" (OPTIONAL_METADATA_FIELDS)
-#   width, height pixel size as decoded (before any EXIF rotation)
-#   format        the decoder's format name ("PNG", "JPEG", ...)
-#   sha256        hex digest of the image bytes stored in the sample
-#   image_ext     the tar member extension holding the image bytes
-#   schema        SCHEMA_VERSION
-METADATA_FIELDS: tuple[str, ...] = (
-    "relpath",
-    "source",
-    "split",
-    "label",
-    "generator",
-    "conversations",
-    "record_ids",
-    "attributes",
-    "reference",
-    "has_reasoning",
-    "width",
-    "height",
-    "format",
-    "sha256",
-    "image_ext",
-    "schema",
-)
+@dataclass(frozen=True)
+class MetadataField:
+    """One key of the per-sample `json` member."""
 
-# Fields some writers add and readers must not require (old shards lack them).
+    name: str
+    kind: str  # a FIELD_KINDS key: the JSON type every sample holds under this key
+    nullable: bool  # whether the value may be null (the key is present all the same)
+    doc: str  # what the value means, one line (it goes into the table of the docstring)
+
+
+# The JSON types of the metadata values, spelled as in the docstring table.
+FIELD_KINDS: dict[str, str] = {
+    "string": "string",
+    "int": "integer",
+    "bool": "boolean",
+    "strings": "list of string",
+    "conversations": "list of list of {from: string, value: string}",
+    "attributes": "object {attribute name: string or null}",
+}
+
+# Every key of the per-sample `json` member, in the order of the docstring
+# table. Every sample written under schema 2 holds each key with its type.
+METADATA_SCHEMA: tuple[MetadataField, ...] = (
+    MetadataField("relpath", "string", False, 'path of the image relative to the dataset root ("/"-separated)'),
+    MetadataField("source", "string", False,
+                  '"diffusiondb", "laion", or the evaluation set (generator or benchmark name)'),
+    MetadataField("split", "string", False, '"train" or "eval"'),
+    MetadataField("label", "int", False, "0 real, 1 fake"),
+    MetadataField("generator", "string", False,
+                  "evaluation: the generator set the image belongs to (reals included); training: the source"),
+    MetadataField("conversations", "conversations", False,
+                  'the LLaVA records\' "conversations" lists of the image ([] when it has none)'),
+    MetadataField("record_ids", "strings", False, 'the LLaVA record "id" of each conversation, same order'),
+    MetadataField("attributes", "attributes", True,
+                  "attribute texts of <name>_reasoning.json (null texts kept); null without annotation"),
+    MetadataField("reference", "string", False,
+                  'the non-null attribute texts joined by one space in sorted key order ("" without any)'),
+    MetadataField("has_reasoning", "bool", False, "whether the image has a reasoning annotation"),
+    MetadataField("reasoning_index", "int", True,
+                  "0-based position of the image's entry in <name>_reasoning.json; null when not listed"),
+    MetadataField("width", "int", False, "pixel width as stored (before any EXIF rotation)"),
+    MetadataField("height", "int", False, "pixel height as stored"),
+    MetadataField("format", "string", False, 'the decoder\'s format name ("PNG", "JPEG", ...)'),
+    MetadataField("sha256", "string", False, "hex digest of the image bytes stored in the sample"),
+    MetadataField("image_ext", "string", False, "extension of the tar member holding the image bytes"),
+    MetadataField("schema", "int", False, "SCHEMA_VERSION of the writer"),
+)
+METADATA_FIELD: dict[str, MetadataField] = {f.name: f for f in METADATA_SCHEMA}
+
+# Fields readers must not require: shards written before schema 2 may lack
+# them (benchmark adapters did not write `reasoning_index`; a reader treats a
+# missing one as "order unknown"). The writer always writes them, null when
+# the dataset reader gives none.
 OPTIONAL_METADATA_FIELDS: tuple[str, ...] = ("reasoning_index",)
+# Fields every shard of every schema version holds.
+METADATA_FIELDS: tuple[str, ...] = tuple(f.name for f in METADATA_SCHEMA if f.name not in OPTIONAL_METADATA_FIELDS)
+
+
+def metadata_table() -> str:
+    """The Markdown table of METADATA_SCHEMA (key, JSON type, nullable, meaning)."""
+    rows = ["| key | JSON type | null | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{f.name}` | {FIELD_KINDS[f.kind]} | {'yes' if f.nullable else 'no'} | {f.doc} |"
+             for f in METADATA_SCHEMA]
+    return "\n".join(rows)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_turn(t: Any) -> bool:
+    return isinstance(t, dict) and t.keys() == {"from", "value"} and all(isinstance(x, str) for x in t.values())
+
+
+_KIND_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "strings": _is_str_list,
+    "conversations": lambda v: isinstance(v, list) and all(
+        isinstance(c, list) and all(_is_turn(t) for t in c) for c in v),
+    "attributes": lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and (x is None or isinstance(x, str)) for k, x in v.items()),
+}
+
+
+def metadata_problems(meta: dict[str, Any]) -> list[str]:
+    """What keeps `meta` from matching METADATA_SCHEMA: missing, undeclared and mistyped keys."""
+    problems = []
+    missing = [f.name for f in METADATA_SCHEMA if f.name not in meta]
+    if missing:
+        problems.append(f"metadata lacks {missing}")
+    undeclared = sorted(k for k in meta if k not in METADATA_FIELD)
+    if undeclared:
+        problems.append(f"metadata keys {undeclared} are not declared in sharding.schema.METADATA_SCHEMA "
+                        "(declare them there, so that every sample and sharding.hf_features() carry them)")
+    for f in METADATA_SCHEMA:
+        v = meta.get(f.name)
+        if f.name in meta and not (v is None and f.nullable) and not _KIND_CHECKS[f.kind](v):
+            problems.append(f"metadata {f.name!r} is {v!r:.80}, expected {FIELD_KINDS[f.kind]}"
+                            + (" or null" if f.nullable else ""))
+    return problems
+
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -44,8 +44,9 @@ class ShardSample:
     key: str  # webdataset key (schema.sample_key(relpath)); unique in a shard set
     relpath: str  # dataset-relative path, "/"-separated; used in messages and metadata
     path: str | None  # absolute path of the image file, read by the worker
-    metadata: dict[str, Any]  # every METADATA_FIELDS entry except the byte-derived
-    # ones (width, height, format, sha256, image_ext), which the writer fills in
+    metadata: dict[str, Any]  # every schema.METADATA_SCHEMA key except the byte-derived
+    # ones (width, height, format, sha256, image_ext, schema), which the writer fills
+    # in, and the OPTIONAL_METADATA_FIELDS, which it writes as null when absent
     size: int = 0  # expected byte size (from stat), used to plan shards by bytes
     data: bytes | None = None  # image bytes given directly instead of `path`
     fingerprint: str = ""  # anything that changes when the input changes (size,
@@ -232,7 +233,6 @@ def image_ext(relpath: str) -> str:
 # One encoder for every sample: json.dumps with non-default options builds a
 # new JSONEncoder per call. Same options, same output as json.dumps.
 _METADATA_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-_REQUIRED_FIELDS = frozenset(schema.METADATA_FIELDS)
 
 
 def metadata_json(meta: dict[str, Any]) -> bytes:
@@ -247,6 +247,9 @@ def jobs_fingerprint(samples: list[ShardSample]) -> str:
     cheaper than JSON; this runs for every sample on every (re)run.
     """
     h = hashlib.sha256()
+    # The schema version shapes the json written from the same metadata, so a
+    # rerun after a schema change rewrites the shards instead of reusing them.
+    h.update(f"schema {schema.SCHEMA_VERSION}\0".encode("utf-8"))
     for s in samples:
         h.update(f"{s.key}\0{s.relpath}\0{s.fingerprint}\0{s.metadata!r}\0".encode("utf-8"))
         if s.data is not None:
@@ -281,13 +284,14 @@ def write_shard(job: ShardJob) -> ShardResult:
                 rejected.append(Rejection(s.relpath, exc.reason, exc.detail).to_dict())
                 continue
             ext = image_ext(s.relpath)
-            meta = dict(s.metadata)
+            meta = dict.fromkeys(schema.OPTIONAL_METADATA_FIELDS)  # present, null unless given
+            meta.update(s.metadata)
             meta.update(width=info.width, height=info.height, format=info.format,
                         sha256=sha256(data).hexdigest(), image_ext=ext,
                         schema=schema.SCHEMA_VERSION)
-            if not _REQUIRED_FIELDS.issubset(meta):
-                missing = [f for f in schema.METADATA_FIELDS if f not in meta]
-                raise ValueError(f"sample {s.relpath}: metadata lacks {missing}")
+            problems = schema.metadata_problems(meta)
+            if problems:  # a reader's bug, not a bad input: stop, naming the sample
+                raise ValueError(f"sample {s.relpath}: " + "; ".join(problems))
             writer.add_members(((f"{s.key}.{ext}", data), (f"{s.key}.json", metadata_json(meta))))
             written += 1
             for group in ("label", "generator", "source", "split"):
