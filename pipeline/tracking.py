@@ -7,6 +7,12 @@ compute node without internet all just work. An online init that fails or
 exceeds `wandb.init_timeout` falls back to offline, and an offline init that
 fails falls back to disabled with a logged warning; logging errors are caught
 and turn the tracker off. A resumed run reuses its run id (resume="allow").
+
+One experiment is one W&B group: the training run (job_type "train") and every
+evaluation of its checkpoints (job_type "eval") share `experiment_group(output
+folder, training run id)` unless `wandb.group` names another group; the
+evaluation finds the training run through the run_info.json that training
+writes next to its export (pipeline/evaluation/wandb_log.py).
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ class WandbConfig:
     dir: str | None = None
     """Folder that receives `wandb/`; None: the output folder."""
     group: str | None = None
-    """Run group (e.g. a sweep or an ablation)."""
+    """Run group (e.g. a sweep or an ablation); None: the experiment's own group
+    (`experiment_group`), shared by the training run and the evaluations of its checkpoints."""
     tags: list[str] = field(default_factory=list)
     """Run tags."""
     init_timeout: float = 60.0
@@ -43,6 +50,13 @@ class WandbConfig:
 
 
 log = logging.getLogger(__name__)
+
+
+def experiment_group(output_dir: str, train_run_id: str) -> str:
+    """Default group of a training run and of the evaluations of its checkpoints:
+    the output folder's name (what a person recognises) and the training run id
+    (unique: two runs/demo folders on two machines are two experiments)."""
+    return f"{os.path.basename(os.path.abspath(output_dir))}-{train_run_id}"
 
 
 def new_run_id() -> str:
@@ -79,10 +93,13 @@ def resolve_mode(mode: str) -> str:
 class Tracker:
     """Thin, failure-proof wrapper around one wandb run."""
 
-    def __init__(self, run: Any = None, mode: str = "disabled", run_id: str | None = None):
+    def __init__(self, run: Any = None, mode: str = "disabled", run_id: str | None = None,
+                 group: str | None = None):
         self.run = run
         self.mode = mode
         self.run_id = run_id
+        self.group = group
+        """The W&B group the run was started in (None on ranks other than 0)."""
         self.run_dir: str | None = None
         """The run's folder (…/wandb/offline-run-…) holding its .wandb log; kept after finish()."""
         if run is not None:
@@ -121,6 +138,26 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             log.warning("W&B summary update failed: %s", e)
 
+    def record(self) -> dict[str, Any]:
+        """What run_info.json keeps of the run, so that an evaluation of this run's
+        checkpoints can join its group (pipeline/evaluation/wandb_log.py reads it)."""
+        return {"wandb_mode": self.mode, "wandb_run_dir": self.run_dir, "wandb_run_id": self.run_id,
+                "wandb_group": self.group}
+
+    def use_artifact(self, artifact: Any) -> bool:
+        """Declare `artifact` (a wandb.Artifact) an input of the run; False when the
+        mode does not allow it: wandb refuses use_artifact in offline mode ("Cannot
+        use artifact when in offline mode", wandb/sdk/wandb_run.py), so an offline
+        run keeps only what its config records."""
+        if self.run is None or self.mode == "offline":
+            return False
+        try:
+            self.run.use_artifact(artifact)
+            return True
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B use_artifact failed: %s", e)
+            return False
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
@@ -132,37 +169,53 @@ class Tracker:
 
 
 def start_tracking(cfg: WandbConfig, root_dir: str, config: dict, *, is_main: bool,
-                   run_id: str | None = None) -> Tracker:
+                   run_id: str | None = None, job_type: str | None = None,
+                   group: str | None = None) -> Tracker:
     """A Tracker for this rank: a real run on global rank 0, a no-op elsewhere.
 
     `run_id`: the id stored in a checkpoint when resuming (the same run
     continues); None starts a new id, which the caller stores in checkpoints.
+    `job_type`: the stage ("train", "eval"), set by the caller, not the user.
+    `group`: the stage's default group; `cfg.group`, when set, wins.
     """
     if not is_main:
         return Tracker(run_id=run_id)
     run_id = run_id or new_run_id()
+    group = cfg.group or group
     mode = resolve_mode(cfg.mode)
     if mode == "disabled":
-        return Tracker(mode="disabled", run_id=run_id)
+        return Tracker(mode="disabled", run_id=run_id, group=group)
     os.makedirs(root_dir, exist_ok=True)
     attempts = [mode] + (["offline"] if mode == "online" else [])
     for attempt in attempts:
-        run = _try_init(cfg, root_dir, config, attempt, run_id)
+        run = _try_init(cfg, root_dir, config, attempt, run_id, job_type, group)
         if run is not None:
-            return Tracker(run, attempt, run_id)
+            return Tracker(run, attempt, run_id, group)
     log.warning("W&B could not start in %s mode; training continues without tracking",
                 " or ".join(attempts))
-    return Tracker(mode="disabled", run_id=run_id)
+    return Tracker(mode="disabled", run_id=run_id, group=group)
 
 
-def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: str):
+def start_train_tracking(cfg: WandbConfig, root_dir: str, config: dict, output_dir: str, *, is_main: bool,
+                         run_id: str | None = None) -> Tracker:
+    """The training run's tracker: job_type "train" in the group
+    experiment_group(output_dir, run id). Rank 0 draws a new run's id first so that
+    the group can name it; a resumed run passes its stored id and keeps its group."""
+    if is_main:
+        run_id = run_id or new_run_id()
+    return start_tracking(cfg, root_dir, config, is_main=is_main, run_id=run_id, job_type="train",
+                          group=experiment_group(output_dir, run_id) if run_id else None)
+
+
+def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: str, job_type: str | None,
+              group: str | None):
     import wandb
 
     t0 = time.monotonic()
     try:
         settings = wandb.Settings(init_timeout=cfg.init_timeout, silent=True,
                                   x_disable_stats=False, console="off")
-        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
+        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, group=group, job_type=job_type,
                           tags=list(cfg.tags) or None, dir=root_dir, config=config, id=run_id,
                           resume="allow", mode=mode, settings=settings)
     except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running
@@ -176,20 +229,41 @@ def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: 
         return None
 
 
-def read_offline_run(run_path: str, timeout: float = 120.0) -> dict:
-    """Read an offline W&B run back with W&B's own CLI (`wandb leet inspect --summary --json`).
-
-    `run_path` is an offline run folder or its .wandb file. Returns the parsed
-    JSON (keys such as "run_id" and "summary"); a CLI failure raises with its
-    stderr, so a run that cannot be read is never mistaken for an empty one.
-    """
-    import json
+def _leet_inspect(run_path: str, options: list[str], timeout: float) -> str:
+    """stdout of `wandb leet inspect OPTIONS RUN_PATH`; a CLI failure raises with its
+    stderr, so a run that cannot be read is never mistaken for an empty one."""
     import subprocess
     import sys
 
     wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
-    proc = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", run_path],
+    proc = subprocess.run([wandb_cli, "leet", "inspect", *options, run_path],
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"wandb leet inspect {run_path} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout)
+    return proc.stdout
+
+
+def read_offline_run(run_path: str, timeout: float = 120.0) -> dict:
+    """Read an offline W&B run back with W&B's own CLI (`wandb leet inspect --summary --json`).
+
+    `run_path` is an offline run folder or its .wandb file. Returns the parsed
+    JSON (keys such as "run_id", "config" and "summary"; a logged table appears
+    in "summary" as a pointer {"_type": "table-file", "path": ...} to its JSON
+    under the run's files/ folder).
+    """
+    import json
+
+    return json.loads(_leet_inspect(run_path, ["--summary", "--json"], timeout))
+
+
+def read_offline_run_record(run_path: str, timeout: float = 120.0) -> dict:
+    """The run record of an offline W&B run (`wandb leet inspect --json`, the first
+    record of type "run"): "run_group", "job_type", "project", "config", ... which
+    the --summary view does not show."""
+    import json
+
+    for line in _leet_inspect(run_path, ["--json"], timeout).splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("type") == "run":
+            return record["run"]
+    raise RuntimeError(f"wandb leet inspect {run_path}: the log holds no run record")

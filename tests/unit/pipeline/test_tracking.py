@@ -6,7 +6,8 @@ import socket
 import pytest
 
 from pipeline.tracking import WandbConfig
-from pipeline.tracking import read_offline_run, resolve_mode, start_tracking
+from pipeline.tracking import experiment_group, read_offline_run, read_offline_run_record, resolve_mode
+from pipeline.tracking import start_tracking, start_train_tracking
 
 
 @pytest.fixture
@@ -39,6 +40,19 @@ def test_disabled_and_other_ranks_do_nothing(no_credentials):
     assert not (no_credentials / "wandb").exists(), "only global rank 0 writes a run"
 
 
+def test_training_group_is_derived_and_an_explicit_group_wins(no_credentials):
+    out = str(no_credentials / "runs" / "exp1")
+    train = start_train_tracking(WandbConfig(mode="disabled"), out, {}, out, is_main=True)
+    assert train.group == experiment_group(out, train.run_id) == f"exp1-{train.run_id}"
+    assert train.record() == {"wandb_mode": "disabled", "wandb_run_dir": None, "wandb_run_id": train.run_id,
+                              "wandb_group": train.group}
+    resumed = start_train_tracking(WandbConfig(mode="disabled"), out, {}, out, is_main=True, run_id="abc")
+    assert (resumed.run_id, resumed.group) == ("abc", "exp1-abc"), "a resumed run keeps its group"
+    named = start_train_tracking(WandbConfig(mode="disabled", group="ablation-7"), out, {}, out, is_main=True)
+    assert named.group == "ablation-7"
+    assert start_train_tracking(WandbConfig(mode="offline"), out, {}, out, is_main=False).group is None
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,3 +79,5 @@ def test_unreachable_server_falls_back_to_offline_and_resumes_the_id(no_credenti
         again.finish()
     s = read_offline_run(again.run_dir)
     assert s["run_id"] == t.run_id and s["summary"]["train/loss"] == 1.0
+    record = read_offline_run_record(again.run_dir)
+    assert record["run_id"] == t.run_id and record["project"] == "t" and "run_group" not in record
