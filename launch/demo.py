@@ -9,8 +9,10 @@ Everything goes under --out:
     shards/        train/ and eval/<generator>/ WebDataset shards
     checkpoints/   DeepSpeed checkpoints (+ zero_to_fp32.py, ds_config.json)
     export/        trainable/ (LoRA adapter + trainables) and merged/ (merged model)
-    wandb/         the offline W&B run (sync later with `wandb sync`)
+    wandb/         the offline W&B runs of training and evaluation: one project, one group
+                   (sync later with `wandb sync`)
     eval/          results.md, results.json, predictions.jsonl, plots (launch/eval.py)
+    bench/         a GenImage-layout miniature, its shards and eval/ (JPEG sweep, ECE)
     train.log, metrics.jsonl
 
 Each step reuses what a previous run left: the dataset and the shards are kept,
@@ -123,11 +125,17 @@ def main(argv=None) -> int:
     # CSS needs a CLIP text model from a local path; the demo has no download,
     # so it builds a random tiny one: the CSS column runs but means nothing here.
     clip_text = build_tiny_clip_text(os.path.join(out, "clip_text"))
+    # The evaluation logs to the project training used (the recipe's or an override's);
+    # its group follows from the export's run_info.json (pipeline/evaluation/wandb_log.py).
+    import yaml
+
+    with open(os.path.join(out, "train_config.yaml"), encoding="utf-8") as f:
+        project = yaml.safe_load(f)["wandb"]["project"]
     eval_dir = os.path.join(out, "eval")
     run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", summary["export"]["merged"],
          "--shards", os.path.join(shards, "eval"), "--out", eval_dir, "--css-model", clip_text,
          "--max-new-tokens", "256", "--batch-size", "16", "--num-workers", "1", "--wandb-mode", "offline",
-         "--wandb-dir", out])
+         "--wandb-dir", out, "--wandb-project", project])
     results = json.load(open(os.path.join(eval_dir, "results.json"), encoding="utf-8"))
     avg = results["sets"]["mmfr"]["average"]
     print(f"({time.monotonic() - t:.0f}s)")
@@ -145,7 +153,57 @@ def main(argv=None) -> int:
     print(f"trainables      {summary['export']['trainable']}")
     print(f"W&B offline run {summary['wandb_run_dir']}  (wandb sync {summary['wandb_run_dir']})")
     print(f"eval results    {os.path.join(eval_dir, 'results.md')} (+ results.json, predictions.jsonl, plots)")
+    benchmark_step(out, summary["export"]["merged"], mmfr)
     return 0
+
+
+# The miniature benchmark: GenImage's layout (sharding/eval_sets/registry.py, adapter
+# `folder`) built from demo evaluation images of two generators, under GenImage folder names.
+BENCH_GENERATORS = {"stablediffusion": "imagenet_ai_0419_sdv4", "midjourney": "imagenet_midjourney"}
+BENCH_PER_CLASS = 8
+BENCH_JPEG = "jpeg:75,30"
+
+
+def build_genimage_miniature(mmfr: str, src: str, per_class: int = BENCH_PER_CLASS) -> str:
+    """SRC/<generator>/val/{nature,ai}/<image> from the synthetic MMFR's evaluation images
+    (the last `per_class` real and fake of each generator, copied byte for byte)."""
+    import shutil
+
+    for gen, folder in BENCH_GENERATORS.items():
+        for label_dir, genimage_dir in (("0_real", "nature"), ("1_fake", "ai")):
+            names = sorted(os.listdir(os.path.join(mmfr, "evaluation_sets", gen, label_dir)))[-per_class:]
+            dst = os.path.join(src, folder, "val", genimage_dir)
+            os.makedirs(dst, exist_ok=True)
+            for name in names:
+                shutil.copyfile(os.path.join(mmfr, "evaluation_sets", gen, label_dir, name), os.path.join(dst, name))
+    return src
+
+
+def benchmark_step(out: str, checkpoint: str, mmfr: str) -> dict:
+    """Shard a GenImage-layout miniature with the registry's adapter, score it clean and
+    under two JPEG qualities, and print the robustness row and the ECE."""
+    t = step(f"extra: miniature genimage benchmark, {BENCH_JPEG} robustness, calibration")
+    src = build_genimage_miniature(mmfr, os.path.join(out, "bench", "genimage_src"))
+    shards = os.path.join(out, "bench", "genimage_shards")
+    run([sys.executable, "-m", "sharding.eval_sets", "genimage", src, shards, "--workers", "1", "--no-progress"])
+    bench_eval = os.path.join(out, "bench", "eval")
+    # Only the CPM's p(fake) is reported here, so answers are cut at 48 tokens (the
+    # p(fake) is then read by one forced forward): a third of the time of full answers.
+    run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", checkpoint,
+         "--benchmark", f"genimage={shards}", "--out", bench_eval, "--perturb", BENCH_JPEG,
+         "--max-new-tokens", "48", "--batch-size", "16", "--num-workers", "1", "--wandb-mode", "disabled",
+         "--no-progress"])
+    results = json.load(open(os.path.join(bench_eval, "results.json"), encoding="utf-8"))
+    rows = results["robustness"]["genimage"]["jpeg"]
+    avg = results["sets"]["genimage"]["average"]
+    print(f"({time.monotonic() - t:.0f}s)")
+    print(f"genimage miniature ({results['counts']['scored']} images, mean of {len(BENCH_GENERATORS)} generators)")
+    print("  JPEG robustness, CPM accuracy / AUC: " + " | ".join(
+        f"{r['perturbation']} {r['cpm_acc']:.3f} / {'n/a' if r['auc'] is None else format(r['auc'], '.3f')}"
+        for r in rows))
+    print(f"  calibration of p(fake): ECE {avg['ece']:.4f} (15 bins), NLL {avg['nll']:.4f}, Brier {avg['brier']:.4f}")
+    print(f"  results         {os.path.join(bench_eval, 'results.md')} (+ reliability and robustness plots)")
+    return results
 
 
 if __name__ == "__main__":

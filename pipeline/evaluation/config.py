@@ -1,15 +1,20 @@
 """Typed configuration of an evaluation run (`launch/eval.py` fills it from its flags)."""
 from __future__ import annotations
 
-import os
+import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from modeling.config import Dtype
+from modeling.config_loading import ConfigError, check_fields, load_section
 from pipeline.tracking import WandbConfig
 
+if TYPE_CHECKING:
+    from pipeline.evaluation.perturbations import Perturbation
 
-class EvalConfigError(ValueError):
-    """A bad evaluation setting; the message names the field."""
+
+# The old name of the one configuration error class (modeling.config_loading).
+EvalConfigError = ConfigError
 
 
 # Evaluation protocols. "ours": Vicuna v1 prompt (as in training), greedy
@@ -18,7 +23,10 @@ class EvalConfigError(ValueError):
 # sampling at temperature 0.2 without nucleus filtering, one beam, 512 new
 # tokens, its substring parser, only images listed in the MMFR reasoning
 # JSONs, and CSS of an empty hypothesis from CLIP's embedding of "".
-PROTOCOLS: tuple[str, ...] = ("ours", "reference")
+Protocol = Literal["ours", "reference"]
+PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
+# The names of modeling.template.CONVERSATIONS (a test keeps the two equal).
+Conversation = Literal["vicuna_v1", "llava_v1"]
 # The generation settings each protocol fixes (None top_p = no nucleus filtering).
 PROTOCOL_GENERATION: dict[str, dict[str, Any]] = {
     "ours": {"conversation": "vicuna_v1", "temperature": 0.0, "top_p": None, "num_beams": 1, "max_new_tokens": 512},
@@ -42,7 +50,7 @@ class EvalConfig:
     """Name of the `shards` set in the reports."""
     benchmarks: dict[str, str] = field(default_factory=dict)
     """Cross-dataset benchmark shard folders, name -> OUT of `sharding.eval_sets`."""
-    protocol: str = "ours"
+    protocol: Protocol = "ours"
     """Evaluation protocol, one of PROTOCOLS: prompt, decoding, parser, selection and
     CSS of empty hypotheses (see PROTOCOL_GENERATION)."""
     batch_size: int = 8
@@ -54,7 +62,7 @@ class EvalConfig:
     """None: the protocol's (ours 0 = greedy, reference 0.2); 0 = greedy; > 0 samples."""
     top_p: float | None = None
     """Nucleus sampling threshold with temperature > 0; None: the protocol's (no filtering)."""
-    conversation: str | None = None
+    conversation: Conversation | None = None
     """Prompt conversation (modeling.template.CONVERSATIONS); None: the protocol's
     (ours vicuna_v1 as in training, reference llava_v1)."""
     seed: int = 0
@@ -72,7 +80,7 @@ class EvalConfig:
     max_per_class: int | None = None
     """Per generator, the first N real and N fake images in reasoning-JSON order (the
     reference's max_sample, 10 in its script); None: every image."""
-    dtype: str | None = None
+    dtype: Dtype | None = None
     """Override the model's dtype (float32, bfloat16, float16); None keeps the checkpoint's."""
     reference_base_model: str | None = None
     """For a reference LoRA training output: the model it was trained from."""
@@ -84,6 +92,16 @@ class EvalConfig:
     """Predictions (with their images) sent to W&B."""
     progress: bool = True
     """Show a tqdm bar on rank 0."""
+    perturb: list[str] = field(default_factory=list)
+    """Robustness sweep: perturbation specs KIND:S1[,S2...] with KIND jpeg (quality 1..100),
+    resize (down-scale factor in (0, 1]) or blur (Gaussian radius > 0), e.g. ["jpeg:95,75,50",
+    "resize:0.5"]; each image is also scored under each (pipeline/evaluation/perturbations.py)."""
+    calibrate_on: str | None = None
+    """Name of a set (one of sets()) on which the p_fake threshold maximising accuracy is chosen;
+    every set then also reports its CPM accuracy at it (pipeline/evaluation/calibration.py)."""
+    face_crop: bool = False
+    """Crop video frames to their largest face (OpenCV Haar cascade, extra 'face') before
+    perturbations and preprocessing (pipeline/evaluation/video.py)."""
 
     def sets(self) -> dict[str, str]:
         """Set name -> shard folder, MMFR first then the benchmarks in the order given."""
@@ -92,46 +110,62 @@ class EvalConfig:
             out[self.set_name] = self.shards
         for name, path in self.benchmarks.items():
             if name in out:
-                raise EvalConfigError(f"benchmarks: set name {name!r} is used twice")
+                raise ConfigError(f"benchmarks: set name {name!r} is used twice")
             out[name] = path
         return out
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EvalConfig":
+        """Build from a plain (possibly partial) dict through the typed loader and validate."""
+        return load_section(cls, values, "").validate()
+
     def validate(self) -> "EvalConfig":
+        """Types (modeling.config_loading), values, then every input path
+        (pipeline.input_paths); raise ConfigError naming the field."""
+        from pipeline.input_paths import check_eval_inputs
+
+        check_fields(self, "")
         if not self.checkpoint:
-            raise EvalConfigError("checkpoint: required (a model directory)")
-        if not os.path.isdir(self.checkpoint):
-            raise EvalConfigError(f"checkpoint: {self.checkpoint!r} is not a directory")
+            raise ConfigError("checkpoint: required (a model directory)")
         if not self.out:
-            raise EvalConfigError("out: required (the results folder)")
+            raise ConfigError("out: required (the results folder)")
         if not self.sets():
-            raise EvalConfigError("shards / benchmarks: give at least one set to evaluate")
-        for name, path in self.sets().items():
-            if not os.path.isdir(path):
-                raise EvalConfigError(f"shards of set {name!r}: {path!r} is not a directory")
+            raise ConfigError("shards / benchmarks: give at least one set to evaluate")
         for name in ("batch_size", "css_batch_size"):
             if getattr(self, name) < 1:
-                raise EvalConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
-            raise EvalConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.protocol not in PROTOCOLS:
-            raise EvalConfigError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
         for name in ("limit", "max_per_class", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise EvalConfigError(f"{name}: must be >= 1 or None, got {value}")
+                raise ConfigError(f"{name}: must be >= 1 or None, got {value}")
         if self.temperature is not None and self.temperature < 0:
-            raise EvalConfigError(f"temperature: must be >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise EvalConfigError(f"top_p: must be in (0, 1] or None, got {self.top_p}")
-        from modeling.template import CONVERSATIONS
+            raise ConfigError(f"top_p: must be in (0, 1] or None, got {self.top_p}")
+        self.perturbations()
+        if self.face_crop:
+            from pipeline.evaluation.video import FaceCropper
 
-        if self.conversation is not None and self.conversation not in CONVERSATIONS:
-            raise EvalConfigError(f"conversation: {self.conversation!r} is not one of {', '.join(CONVERSATIONS)}")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise EvalConfigError(f"dtype: {self.dtype!r} is not float32, bfloat16 or float16")
-        if self.css_model is not None and not os.path.isdir(self.css_model):
-            raise EvalConfigError(f"css_model: {self.css_model!r} is not a directory")
+            try:
+                FaceCropper()  # fail here, not as one failure record per frame in the workers
+            except (ImportError, FileNotFoundError) as exc:
+                raise ConfigError(f"face_crop: {exc}") from None
+        if self.calibrate_on is not None and self.calibrate_on not in self.sets():
+            raise ConfigError(f"calibrate_on: {self.calibrate_on!r} is not one of the sets "
+                                  f"({', '.join(self.sets())})")
+        check_eval_inputs(self)
         return self
+
+    def perturbations(self) -> list[Perturbation]:
+        """The sweep's perturbations.Perturbation list, in the order given."""
+        from pipeline.evaluation.perturbations import PerturbationError, parse_perturbations
+
+        try:
+            return parse_perturbations(self.perturb)
+        except PerturbationError as exc:
+            raise ConfigError(f"perturb: {exc}") from None
 
     def generation(self) -> dict[str, Any]:
         """Effective generation settings: the protocol's, with any field set here instead."""

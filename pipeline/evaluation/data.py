@@ -23,6 +23,11 @@ Selection (`plan_items`), applied per set before the split:
 Selection needs labels, so it reads every sample's `json` member (tar headers
 are skipped over, image bytes are never read); without it nothing is opened.
 
+Each image is decoded once: a robustness sweep's perturbations
+(perturbations.py) and the optional face crop of video frames (video.py) are
+applied to that decoded image in the loader worker, before preprocessing, and
+the batch carries the clean and every perturbed tensor.
+
 Batches are cut at fixed positions of the whole list (`rank_slice` and the
 loader's worker split keep multiples of the batch size together), so a batch
 holds the same images whatever the number of ranks or loader workers; with
@@ -47,6 +52,8 @@ from webdataset.tariterators import base_plus_ext
 from pipeline.data.plan import Ref
 from pipeline.data.reader import ShardCursor
 from pipeline.data.shards import SIZES_FILE, discover_shards
+from pipeline.evaluation.perturbations import Perturbation
+from pipeline.evaluation.video import FaceCropper, video_of
 
 
 @dataclass(frozen=True)
@@ -220,10 +227,17 @@ class EvalImages(IterableDataset):
     made of whole batches of `batch_size`, so that the loader's batches are the
     fixed batches of the rank's list whatever the number of workers."""
 
-    def __init__(self, items: Sequence[EvalItem], image_processor, batch_size: int = 1):
+    def __init__(self, items: Sequence[EvalItem], image_processor, batch_size: int = 1,
+                 perturbations: Sequence[Perturbation] = (), face_crop: bool = False):
+        """perturbations: each decoded image is also preprocessed under each of them
+        (`perturbed` pixel values, in this order), so a robustness sweep decodes once.
+        face_crop: video frames are cropped to their largest face first (video.FaceCropper)."""
         self.items = list(items)
         self.image_processor = image_processor
         self.batch_size = batch_size
+        self.perturbations = tuple(perturbations)
+        self.face_crop = face_crop
+        self._cropper: FaceCropper | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -249,22 +263,36 @@ class EvalImages(IterableDataset):
         try:
             meta = json.loads(raw.members["json"])
             data = raw.members[meta["image_ext"]]
+            video = video_of(meta.get("relpath"))
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                pixels = self.image_processor(im)
+                image, face = self._crop(im) if self.face_crop and video else (im, None)
+                pixels = self.image_processor(image)
+                perturbed = [self.image_processor(p.apply(image)) for p in self.perturbations]
         except Exception as exc:  # noqa: BLE001 - any undecodable sample is a counted failure
             return {**base, "key": raw.key, "error": f"{type(exc).__name__}: {exc}"}
-        return {**base, "key": raw.key, "error": None, "pixel_values": pixels,
-                "label": int(meta["label"]), "generator": meta["generator"],
-                "reference": meta.get("reference") or "", "relpath": meta.get("relpath", "")}
+        out = {**base, "key": raw.key, "error": None, "pixel_values": pixels, "perturbed": perturbed,
+               "label": int(meta["label"]), "generator": meta["generator"],
+               "reference": meta.get("reference") or "", "relpath": meta.get("relpath", ""), "video": video}
+        if face is not None:
+            out["face_found"] = face
+        return out
+
+    def _crop(self, image: Image.Image) -> tuple[Image.Image, bool]:
+        if self._cropper is None:  # built in the worker process that uses it
+            self._cropper = FaceCropper()
+        return self._cropper(image)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Good samples stacked for the model; failures passed through for counting."""
     good = [s for s in samples if s["error"] is None]
+    n_perturbed = len(good[0]["perturbed"]) if good else 0
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in good]) if good else None,
-        "samples": [{k: v for k, v in s.items() if k != "pixel_values"} for s in good],
+        # One [B, 3, H, W] tensor per perturbation, in the sweep's order.
+        "perturbed_pixel_values": [torch.stack([s["perturbed"][j] for s in good]) for j in range(n_perturbed)],
+        "samples": [{k: v for k, v in s.items() if k not in ("pixel_values", "perturbed")} for s in good],
         "failures": [{k: s[k] for k in ("set", "key", "shard", "index", "error")} for s in samples
                      if s["error"] is not None],
     }
@@ -287,9 +315,11 @@ def read_images(refs: Sequence[tuple[str, int]]) -> list[bytes | None]:
     return out
 
 
-def make_eval_loader(items: Sequence[EvalItem], image_processor, batch_size: int, num_workers: int) -> DataLoader:
+def make_eval_loader(items: Sequence[EvalItem], image_processor, batch_size: int, num_workers: int,
+                     perturbations: Sequence[Perturbation] = (), face_crop: bool = False) -> DataLoader:
     # More workers than batches would leave some idle (each takes whole batches).
     workers = min(num_workers, -(-len(items) // batch_size))
-    return DataLoader(EvalImages(items, image_processor, batch_size), batch_size=batch_size, num_workers=workers,
+    dataset = EvalImages(items, image_processor, batch_size, perturbations, face_crop)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       collate_fn=collate, persistent_workers=False,
                       multiprocessing_context="fork" if workers else None)

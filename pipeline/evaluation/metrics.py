@@ -25,7 +25,8 @@ Conventions (both are always reported):
   parse-failure rate, as the reference implementation does (silently);
 - ``strict``: unparseable answers count as wrong decisions, and their
   reasoning (possibly empty) is scored like any other.
-AUC and AP use ``p_fake`` of every image, parseable or not.
+AUC and AP use ``p_fake`` of every image, parseable or not, and so do the
+calibration metrics ECE (15 equal-width bins), NLL and Brier (calibration.py).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from nltk.translate.bleu_score import sentence_bleu
 from rouge_score import rouge_scorer
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from pipeline.evaluation.calibration import brier, ece, nll
 from pipeline.evaluation.parsing import PARSEABLE_STATUSES
 from sharding.schema import GENERATORS
 
@@ -47,6 +49,8 @@ _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 # Metric names in the order they appear in tables and results.json.
 ACCURACY_METRICS = ("real_acc", "fake_acc", "acc")
 TEXT_METRICS = ("bleu1", "rouge_l", "css")
+# Calibration of p_fake (pipeline/evaluation/calibration.py for the definitions).
+CALIBRATION_METRICS = ("ece", "nll", "brier")
 STRICT_SUFFIX = "_strict"
 
 
@@ -229,6 +233,8 @@ def group_metrics(predictions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     out["auc"], out["ap"] = auc_ap([r.label for r in scored], [float(r.p_fake) for r in scored])
     # The CPM's own decision (p_fake >= 0.5), independent of whether the text parsed.
     out["cpm_acc"] = _ratio(sum((float(r.p_fake) >= 0.5) == (r.label == 1) for r in scored), len(scored))
+    labels, probs = [r.label for r in scored], [float(r.p_fake) for r in scored]
+    out["ece"], out["nll"], out["brier"] = ece(labels, probs), nll(labels, probs), brier(labels, probs)
     return out
 
 
@@ -241,6 +247,7 @@ AVERAGED_METRICS: tuple[str, ...] = (
     "auc",
     "ap",
     "cpm_acc",
+    *CALIBRATION_METRICS,
 )
 COUNT_FIELDS: tuple[str, ...] = ("n", "n_real", "n_fake", "n_parsed", "n_unparseable", "n_text", "n_p_fake")
 

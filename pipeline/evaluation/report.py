@@ -19,8 +19,11 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pipeline.evaluation.calibration import threshold_report
 from pipeline.evaluation.metrics import generator_order, set_metrics
 from pipeline.evaluation.parsing import ALL_STATUSES, PARSEABLE_STATUSES
+from pipeline.evaluation.perturbations import parse_perturbations, robustness_markdown, robustness_results
+from pipeline.evaluation.video import VIDEO_COLUMNS, video_set_metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,11 @@ PREDICTION_FIELDS: tuple[str, ...] = (
     "key", "set", "generator", "label", "pred", "parse_status", "p_fake", "reasoning", "reference",
 )
 # Per-image text scores, the raw answer, and where the image came from.
-EXTRA_FIELDS: tuple[str, ...] = ("bleu1", "rouge_l", "css", "answer", "relpath", "shard", "index")
+# `video`: the frame's video relpath (None for a still image; video.py), `face_found`
+# with --face-crop, `perturbation` in predictions_perturbed.jsonl.
+EXTRA_FIELDS: tuple[str, ...] = ("bleu1", "rouge_l", "css", "answer", "relpath", "shard", "index", "video",
+                                 "face_found", "perturbation")
+PERTURBED_FILE = "predictions_perturbed.jsonl"
 RESULTS_VERSION = 1
 
 # Columns of the tables: (metric key, header, kind). "pct" values are shown
@@ -55,6 +62,13 @@ STRICT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("rouge_l_strict", "ROUGE-L", "frac"),
     ("css_strict", "CSS", "frac"),
 )
+CALIBRATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("n_p_fake", "N", "int"),
+    ("cpm_acc", "CPM Acc", "pct"),
+    ("ece", "ECE", "frac"),
+    ("nll", "NLL", "frac"),
+    ("brier", "Brier", "frac"),
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # Top-level results.json entries that are not computed from the predictions
 # (kept by `rebuild`): timings, the protocol that ran, what the selection did.
@@ -66,15 +80,26 @@ PROTOCOL_TITLES = {
 }
 
 
+def table_value(value: float | int | None, kind: str) -> float | int | None:
+    """A table cell as a number, in the unit of its column (pct x100), unrounded;
+    None when undefined. The W&B tables hold these, so they sort and plot."""
+    if value is None:
+        return None
+    if kind == "int":
+        return int(value)
+    if kind == "pct":
+        return 100.0 * value
+    return float(value)
+
+
 def format_value(value: float | int | None, kind: str) -> str:
     """How a number appears in results.md ("n/a" when undefined)."""
-    if value is None:
+    number = table_value(value, kind)
+    if number is None:
         return "n/a"
     if kind == "int":
-        return str(int(value))
-    if kind == "pct":
-        return f"{100.0 * value:.2f}"
-    return f"{value:.4f}"
+        return str(number)
+    return f"{number:.2f}" if kind == "pct" else f"{number:.4f}"
 
 
 def _sha256(path: str) -> str:
@@ -206,7 +231,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "Accuracies and the unparsed share in %, other metrics in [0, 1]. Average = mean over the",
         "generators of the set; All images = the set as one pool. *Reference convention*: unparseable",
         "answers are left out (as in the reference implementation). *Strict*: they count as wrong.",
-        "AUC/AP use the CPM's p(fake) of every image.",
+        "AUC/AP use the CPM's p(fake) of every image, and so do ECE (15 equal-width bins of p(fake)),",
+        "NLL and Brier (pipeline/evaluation/calibration.py).",
         "",
     ]
     for name, metrics in results["sets"].items():
@@ -220,7 +246,54 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += _status_line(results.get("parse_status", {}).get(name, {}))
         lines += _table("Reference convention", metrics, REFERENCE_COLUMNS)
         lines += _table("Strict convention", metrics, STRICT_COLUMNS)
+        lines += _table("Calibration of p(fake)", metrics, CALIBRATION_COLUMNS)
+        if metrics.get("video"):
+            lines += ["Video level: a video's p(fake) is the mean over its frames, fake iff >= 0.5 "
+                      "(pipeline/evaluation/video.py); frame columns are the same frames scored one by one.", ""]
+            lines += _table("Video level", metrics["video"], VIDEO_COLUMNS)
+    lines += _threshold_lines(results.get("threshold"))
+    lines += _face_crop_lines(results.get("face_crop"))
+    lines += robustness_markdown(results.get("robustness") or {})
     return "\n".join(lines)
+
+
+def _threshold_lines(threshold: Mapping[str, Any] | None) -> list[str]:
+    if not threshold:
+        return []
+    lines = ["## Threshold chosen on a held-out set", "",
+             f"Threshold on p(fake) maximising accuracy on **{threshold['set']}**: {threshold['threshold']:.4f} "
+             f"(accuracy there {format_value(threshold['accuracy_on_set'], 'pct')}); CPM accuracy (%) of every "
+             f"set at it and at 0.5 (the row of {threshold['set']} itself is in-sample).", "",
+             "| Set | Avg @ 0.5 | Avg @ threshold | All images @ 0.5 | All images @ threshold |",
+             "|---|---:|---:|---:|---:|"]
+    for name, e in threshold["sets"].items():
+        cells = [e["at_0.5"]["average"], e["at_threshold"]["average"], e["at_0.5"]["pooled"],
+                 e["at_threshold"]["pooled"]]
+        label = f"{name} (in-sample)" if name == threshold["set"] else name
+        lines.append(f"| {label} | " + " | ".join(format_value(v, "pct") for v in cells) + " |")
+    return lines + [""]
+
+
+def _face_crop_lines(face_crop: Mapping[str, int] | None) -> list[str]:
+    if not face_crop:
+        return []
+    return [f"Face crop: a face was found in {face_crop['found']} of {face_crop['frames']} video frames; the "
+            "others were scored whole.", ""]
+
+
+def face_crop_counts(predictions: Iterable[Mapping[str, Any]]) -> dict[str, int] | None:
+    """Frames cropped to a face and frames scored whole (--face-crop); None without the crop."""
+    flags = [p["face_found"] for p in predictions if p.get("face_found") is not None]
+    return {"frames": len(flags), "found": sum(bool(f) for f in flags)} if flags else None
+
+
+def set_results(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A set's metrics (metrics.set_metrics) plus its video level when it holds video frames."""
+    metrics = set_metrics(rows)
+    video = video_set_metrics(rows, metrics["order"])
+    if video:
+        metrics["video"] = video
+    return metrics
 
 
 def build_results(
@@ -258,10 +331,27 @@ def build_results(
         "checkpoint": dict(checkpoint),
         "config": dict(config),
         "counts": {**totals, "per_set": per_set},
-        "sets": {name: set_metrics(by_set[name]) for name in names if name in by_set},
+        "sets": {name: set_results(by_set[name]) for name in names if name in by_set},
         "parse_status": {name: status_counts(by_set.get(name, [])) for name in names},
         "failures": [dict(f) for f in failures],
     }
+
+
+def add_extended_results(results: dict[str, Any], predictions: Sequence[Mapping[str, Any]],
+                         perturbed: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> None:
+    """Entries that need more than one set's rows or the sweep's: "threshold" (config
+    calibrate_on), "face_crop" (counts), "robustness" (config perturb)."""
+    by_set: dict[str, list[Mapping[str, Any]]] = {name: [] for name in results["sets"]}
+    for p in predictions:
+        by_set.setdefault(p["set"], []).append(p)
+    if config.get("calibrate_on"):
+        results["threshold"] = threshold_report(by_set, config["calibrate_on"])
+    face = face_crop_counts(predictions)
+    if face:
+        results["face_crop"] = face
+    if config.get("perturb"):
+        results["robustness"] = robustness_results(results["sets"], perturbed,
+                                                   parse_perturbations(config["perturb"]))
 
 
 def write_report(
@@ -273,19 +363,27 @@ def write_report(
     config: Mapping[str, Any],
     plots: bool = True,
     extra: Mapping[str, Any] | None = None,
+    perturbed: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Write every output into ``out_dir`` and return the results object
-    (``extra``: more top-level entries of results.json, e.g. timings)."""
+    (``extra``: more top-level entries of results.json, e.g. timings; ``perturbed``: the
+    robustness sweep's rows of config["perturb"], written to predictions_perturbed.jsonl)."""
     os.makedirs(out_dir, exist_ok=True)
     predictions = sort_predictions(predictions)
     results = build_results(predictions, expected, failures, checkpoint, config)
+    add_extended_results(results, predictions, perturbed, config)
     results.update(extra or {})
     warn_when_nothing_parsed(results)
     write_predictions(os.path.join(out_dir, "predictions.jsonl"), predictions)
+    if perturbed:
+        write_predictions(os.path.join(out_dir, PERTURBED_FILE), sort_predictions(perturbed))
     if plots:
         from pipeline.evaluation.plots import write_plots
 
+        from pipeline.evaluation.diagnostic_plots import write_diagnostic_plots
+
         results["plots"] = write_plots(out_dir, predictions, results)
+        results["plots"] += write_diagnostic_plots(out_dir, predictions, results)
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -299,10 +397,12 @@ def rebuild(results_dir: str, plots: bool = True) -> dict[str, Any]:
     with open(os.path.join(results_dir, "results.json"), encoding="utf-8") as f:
         old = json.load(f)
     preds = read_predictions(os.path.join(results_dir, "predictions.jsonl"))
+    perturbed_path = os.path.join(results_dir, PERTURBED_FILE)
+    perturbed = read_predictions(perturbed_path) if os.path.isfile(perturbed_path) else []
     expected = {k: v["expected"] for k, v in old["counts"]["per_set"].items()}
     extra = {k: old[k] for k in RUN_ENTRIES if k in old}
     return write_report(results_dir, preds, expected, old["failures"], old["checkpoint"], old["config"], plots,
-                        extra)
+                        extra, perturbed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,7 +22,6 @@ with any number of ranks or loader workers (on the same kind of device).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -38,23 +37,18 @@ from pipeline.evaluation.data import expected_counts, make_eval_loader, plan_ite
 from pipeline.evaluation.metrics import CSSScorer, text_scores
 from pipeline.evaluation.parsing import PARSERS
 from pipeline.evaluation.report import checkpoint_identity, write_report
+from pipeline.evaluation.wandb_log import log_eval
 from sharding.schema import EVAL_QUESTION
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODEL_TYPE = "llava_llama"
-
-
 def load_model(cfg: EvalConfig):
     """(model, tokenizer, format) for this project's formats or the reference's."""
-    from modeling.checkpoint import import_reference, load_for_inference
+    from modeling.checkpoint import checkpoint_format, import_reference, load_for_inference
     from modeling.config import ModelConfig
 
     d = Path(cfg.checkpoint)
-    meta: dict[str, Any] = {}
-    if (d / "config.json").is_file():
-        meta = json.loads((d / "config.json").read_text())
-    if meta.get("model_type") == REFERENCE_MODEL_TYPE or (d / "non_lora_trainables.bin").is_file():
+    if checkpoint_format(d) == "reference":
         base = ModelConfig.preset("paper")
         if cfg.dtype:
             base = ModelConfig.from_dict({"dtype": cfg.dtype}, base=base)
@@ -126,16 +120,23 @@ class Scorer:
                 "pred": parsed.pred, "parse_status": parsed.parse_status,
                 "p_fake": None if math.isnan(p) else float(p), "reasoning": parsed.reasoning,
                 "reference": s["reference"], "answer": answer, "relpath": s["relpath"],
-                "shard": s["shard"], "index": s["index"],
+                "shard": s["shard"], "index": s["index"], "video": s.get("video"),
+                **({"face_found": s["face_found"]} if "face_found" in s else {}),
             })
         return rows
 
 
-def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_progress: bool):
-    """(prediction rows without text scores, failure records) of a list of items."""
+def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_progress: bool,
+                perturbed: list[dict[str, Any]] | None = None):
+    """(prediction rows without text scores, failure records) of a list of items.
+
+    perturbed: when a list, cfg's robustness sweep runs too and its rows (field
+    `perturbation`) are appended to it; each batch is decoded once for all of them
+    and every variant of a batch gets the batch's seed, so only the image differs."""
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    loader = make_eval_loader(items, image_processor, cfg.batch_size, cfg.num_workers)
+    sweep = cfg.perturbations() if perturbed is not None else []
+    loader = make_eval_loader(items, image_processor, cfg.batch_size, cfg.num_workers, sweep, cfg.face_crop)
     bar = tqdm(total=len(items), unit="img", desc="eval", disable=not show_progress, dynamic_ncols=True)
     try:
         for batch in loader:
@@ -143,6 +144,8 @@ def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_pr
                 failures.append({**f, "reason": f.pop("error")})
             if batch["samples"]:
                 rows.extend(scorer.score_batch(batch["pixel_values"], batch["samples"]))
+                for p, px in zip(sweep, batch["perturbed_pixel_values"]):
+                    perturbed.extend({**r, "perturbation": p.name} for r in scorer.score_batch(px, batch["samples"]))
             bar.update(len(batch["samples"]) + len(batch["failures"]))
     finally:
         bar.close()
@@ -222,8 +225,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     model, tokenizer, fmt = load_model(cfg)
     t_load, c_load = time.perf_counter(), time.process_time()
     scorer = Scorer(model, cfg, dev, tokenizer)
+    perturbed: list[dict[str, Any]] = []
     rows, failures = score_items(scorer, mine, ImageProcessor(model.config), cfg,
-                                 show_progress=cfg.progress and rank == 0)
+                                 show_progress=cfg.progress and rank == 0, perturbed=perturbed)
     t_gen, c_gen = time.perf_counter(), time.process_time()
     css = (CSSScorer(cfg.css_model, device=str(dev), batch_size=cfg.css_batch_size,
                      embed_empty=cfg.protocol == "reference") if cfg.css_model else None)
@@ -234,7 +238,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     timing = {"rank": rank, "images": len(mine), "load_s": t_load - t0, "generate_s": t_gen - t_load,
               "text_metrics_s": t_text - t_gen, "generate_cpu_s": c_gen - c_load,
               "text_metrics_cpu_s": c_text - c_gen, "scored": scorer.images, "forwards": scorer.forwards}
-    gathered = _gather((rows, failures, timing), rank, world)
+    gathered = _gather((rows, failures, timing, perturbed), rank, world)
     if rank != 0:
         return None
     all_rows = [r for g in gathered for r in g[0]]
@@ -245,52 +249,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
            "forwards_per_image": forwards_per_image([g[2] for g in gathered])}
     results = write_report(cfg.out, all_rows, expected_counts(items), all_failures, identity,
                            cfg.to_dict(), plots=cfg.plots,
-                           extra={"run": run, "protocol": cfg.protocol_record(), "selection": selection})
-    log_to_wandb(cfg, results, all_rows)
+                           extra={"run": run, "protocol": cfg.protocol_record(), "selection": selection},
+                           perturbed=[r for g in gathered for r in g[3]])
+    log_eval(cfg, results, all_rows)
     return results
 
-
-def log_to_wandb(cfg: EvalConfig, results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Tables of every set and a sample of predictions with images (rank 0; offline safe)."""
-    from pipeline.tracking import start_tracking
-
-    tracker = start_tracking(cfg.wandb, cfg.wandb.dir or cfg.out, cfg.to_dict(), is_main=True)
-    if not tracker.active:
-        return
-    try:
-        import io
-
-        import wandb
-        from PIL import Image
-
-        from pipeline.evaluation.data import read_images
-        from pipeline.evaluation.report import REFERENCE_COLUMNS, STRICT_COLUMNS, format_value
-
-        payload: dict[str, Any] = {}
-        summary: dict[str, Any] = {}
-        for name, m in results["sets"].items():
-            for conv, columns in (("reference", REFERENCE_COLUMNS), ("strict", STRICT_COLUMNS)):
-                table = wandb.Table(columns=["generator"] + [h for _, h, _ in columns])
-                rows_ = [(g, m["generators"][g]) for g in m["order"]]
-                for g, vals in rows_ + [("average", m["average"]), ("all images", m["pooled"])]:
-                    table.add_data(g, *[format_value(vals[k], kind) for k, _, kind in columns])
-                payload[f"eval/{name}/{conv}"] = table
-            for k, v in m["average"].items():
-                if v is not None:
-                    summary[f"eval/{name}/average/{k}"] = v
-        step = max(1, len(rows) // max(1, cfg.wandb_samples))
-        sample = rows[::step][: cfg.wandb_samples]
-        images = read_images([(r["shard"], r["index"]) for r in sample])
-        table = wandb.Table(columns=["image", "set", "generator", "label", "pred", "parse_status", "p_fake",
-                                     "answer", "reference"])
-        for r, data in zip(sample, images):
-            img = wandb.Image(Image.open(io.BytesIO(data)).convert("RGB")) if data else None
-            table.add_data(img, r["set"], r["generator"], r["label"], r["pred"], r["parse_status"], r["p_fake"],
-                           r["answer"], r["reference"])
-        payload["eval/predictions"] = table
-        tracker.log(payload, step=0)
-        tracker.summary({**summary, "eval/counts": results["counts"]})
-    except Exception as exc:  # noqa: BLE001 - tracking never fails an evaluation
-        log.warning("W&B logging of the evaluation failed: %s", exc)
-    finally:
-        tracker.finish()

@@ -58,12 +58,16 @@ def setup(tmp_path_factory):
 def _eval_args(s, bench, out) -> list[str]:
     return ["--checkpoint", s.model, "--shards", s.shards, "--benchmark", f"chameleon={bench}", "--out", str(out),
             "--css-model", s.clip_text, "--batch-size", "3", "--max-new-tokens", "8", "--num-workers", "1",
-            "--no-progress"]
+            "--no-progress", "--perturb", "jpeg:50", "--calibrate-on", "chameleon"]
+
+
+def _predictions_of(out, name: str) -> list[dict]:
+    with open(os.path.join(out, name), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def _predictions(out) -> list[dict]:
-    with open(os.path.join(out, "predictions.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return _predictions_of(out, "predictions.jsonl")
 
 
 @pytest.mark.slow
@@ -111,9 +115,18 @@ def test_two_ranks_match_one_process(setup, tmp_path):
             recomputed = json.loads(json.dumps(set_metrics([p for p in preds if p["set"] == name])))
             assert recomputed == r["sets"][name]
         md = (out / "results.md").read_text()
-        assert "## mmfr" in md and "## chameleon" in md and md.count("**Average**") == 4
-        for png in ("accuracy_mmfr.png", "roc_mmfr.png", "accuracy_chameleon.png", "roc_chameleon.png"):
+        # 2 conventions + calibration per set
+        assert "## mmfr" in md and "## chameleon" in md and md.count("**Average**") == 6
+        assert "**mmfr: jpeg** (JPEG quality)" in md and "| chameleon (in-sample) |" in md
+        for png in ("accuracy_mmfr.png", "roc_mmfr.png", "accuracy_chameleon.png", "roc_chameleon.png",
+                    "reliability_mmfr.png", "robustness_mmfr.png"):
             assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # The JPEG sweep: every image once more, gathered from both ranks, the same answers.
+    s1, s2 = (_predictions_of(out, "predictions_perturbed.jsonl") for out in (one, two))
+    assert len(s1) == total and [(p["key"], p["perturbation"], p["answer"]) for p in s1] == [
+        (p["key"], p["perturbation"], p["answer"]) for p in s2]
+    assert r1["robustness"]["mmfr"]["jpeg"][0]["cpm_acc"] == r1["sets"]["mmfr"]["average"]["cpm_acc"]
+    assert r1["threshold"]["set"] == "chameleon" == r2["threshold"]["set"]
     # detection-only benchmark: no text metrics; MMFR has references
     assert r1["sets"]["chameleon"]["average"]["bleu1"] is None
     assert r1["sets"]["mmfr"]["average"]["n_text"] == 20

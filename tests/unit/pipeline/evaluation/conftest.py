@@ -41,3 +41,34 @@ def build_tiny_clip(path) -> str:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+def write_eval_shard(d, samples) -> str:
+    """One evaluation shard set in `d`: samples = [(relpath, PIL image, label, generator)],
+    written as PNG with the sharder's metadata fields that the loader reads."""
+    import io
+    import json
+    from pathlib import Path
+
+    from sharding.schema import sample_key
+    from sharding.tar_writer import TarWriter
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    w = TarWriter(str(d / "shard-000000.tar"))
+    for relpath, image, label, generator in samples:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        key = sample_key(relpath)
+        w.add(f"{key}.png", buf.getvalue())
+        w.add(f"{key}.json", json.dumps({"label": label, "generator": generator, "reference": "", "relpath": relpath,
+                                         "image_ext": "png"}).encode())
+    w.commit()
+    (d / "sizes.json").write_text(json.dumps({"shard-000000.tar": len(samples)}))
+    return str(d)
+
+
+@pytest.fixture
+def eval_shard():
+    """The shard writer above, as a fixture (test modules here are not importable)."""
+    return write_eval_shard

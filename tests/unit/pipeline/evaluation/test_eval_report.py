@@ -59,8 +59,10 @@ def _md_tables(text):
     for line in text.splitlines():
         if line.startswith("## "):
             set_name = line[3:].strip()
-        elif line.startswith("**") and line.endswith("convention**"):
-            conv = line.strip("*").split()[0].lower()
+        elif line.startswith("**") and line.endswith("**"):
+            # "Reference convention" -> "reference"; other tables by their whole title.
+            title = line.strip("*")
+            conv = title.split()[0].lower() if title.endswith("convention") else title
             tables[(set_name, conv)] = {}
         elif line.startswith("| ") and not line.startswith("| Generator"):
             cells = [c.strip() for c in line.strip("|").split("|")]

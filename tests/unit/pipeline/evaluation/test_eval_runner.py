@@ -256,3 +256,24 @@ def test_one_pass_scores_equal_two_pass_with_one_forward_per_concluded_image(tin
     assert (one.images, one.forwards, two.images, two.forwards) == (3, 4, 3, 6)
     per_rank = [{"scored": one.images, "forwards": one.forwards}, {"scored": 1, "forwards": 2}]
     assert forwards_per_image(per_rank) == 6 / 4 and forwards_per_image([{"scored": 0, "forwards": 0}]) is None
+
+
+def test_sweep_scores_every_image_under_every_perturbation(tiny, tmp_path, eval_shard):
+    from PIL import Image
+
+    from modeling.image_processing import ImageProcessor
+    from pipeline.evaluation.data import enumerate_items
+
+    d = eval_shard(tmp_path / "set", [(f"{i}.png", Image.new("RGB", (40, 30), (60 * i, 90, 200)), i % 2, "g")
+                                      for i in range(3)])
+    cfg = _cfg(tiny, tmp_path, batch_size=2, perturb=["jpeg:50", "blur:2"])
+    model, _, _ = load_model(cfg)
+    scorer, proc, items = Scorer(model, cfg, torch.device("cpu")), ImageProcessor(model.config), enumerate_items({"b": d})
+    plain, _ = score_items(scorer, items, proc, cfg, False)
+    perturbed: list = []
+    clean, failures = score_items(scorer, items, proc, cfg, False, perturbed=perturbed)
+    assert not failures and [r["answer"] for r in clean] == [r["answer"] for r in plain]  # clean run unchanged
+    assert [r["p_fake"] for r in clean] == pytest.approx([r["p_fake"] for r in plain], abs=1e-6)
+    assert sorted((r["key"], r["perturbation"]) for r in perturbed) == sorted(
+        (r["key"], p) for r in clean for p in ("jpeg:50", "blur:2"))
+    assert all("perturbation" not in r and r["video"] is None for r in clean)
