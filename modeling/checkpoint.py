@@ -21,12 +21,18 @@ Merged directory (`export_merged` / `load_pretrained`): self-contained.
     tokenizer files
 
 The reference's released formats are read by `import_reference` (modeling/checkpoint_reference.py).
+
+`checkpoint_format(directory)` is the one place that tells these formats apart
+(every loader and the evaluation runner ask it). Both export folders also get a
+model card, README.md (modeling/model_card.py).
 """
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -53,11 +59,15 @@ from modeling.checkpoint_io import (
     skip_weight_init,
     write_weights,
 )
+from modeling.base_checkpoint import LLAVA_MODEL_TYPE
+from modeling.checkpoint_reference import NON_LORA_FILE
 from modeling.checkpoint_reference import import_reference  # noqa: F401  (public API lives here)
 from modeling.config import ModelConfig
+from modeling.hf_auto import MODEL_TYPE as MERGED_MODEL_TYPE
+from modeling.model_card import write_model_card
+from modeling.tokenizer_export import save_tokenizer
 
 TRAINABLE_FORMAT = "fakereasoning-trainable"
-MERGED_MODEL_TYPE = "fakereasoning"
 FORMAT_VERSION = 1
 MODEL_CONFIG = "model_config.json"
 NON_LORA = "non_lora_trainables.safetensors"
@@ -65,8 +75,10 @@ BASE_WEIGHTS = "base_weights.safetensors"
 
 __all__ = [
     "CheckpointError", "save_trainable", "load_trainable", "export_merged", "load_pretrained",
-    "load_for_inference", "import_reference", "lora_state_dict", "checkpoint_parameters",
+    "load_for_inference", "import_reference", "lora_state_dict", "checkpoint_parameters", "checkpoint_format",
 ]
+
+CheckpointFormat = Literal["merged", "trainable", "reference"]
 
 
 # ---------------------------------------------------------------------- pieces of the trainable state
@@ -104,9 +116,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # ---------------------------------------------------------------------- trainable checkpoints
-def save_trainable(model, out_dir: str | Path) -> Path:
+def save_trainable(model, out_dir: str | Path, training: Mapping | str | None = None) -> Path:
     """Write the trainable state of `model` (layout in the module docstring) and return the directory.
 
+    training: what the model card records about the run (modeling.model_card.write_model_card).
     Under ZeRO-3, call it inside GatheredParameters(checkpoint_parameters(model)), on one rank.
     """
     out = Path(out_dir)
@@ -125,7 +138,8 @@ def save_trainable(model, out_dir: str | Path) -> Path:
     _write_json(out / MODEL_CONFIG, {"format": TRAINABLE_FORMAT, "version": FORMAT_VERSION,
                                       "model": model.config.to_dict()})
     if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save_pretrained(str(out))
+        save_tokenizer(model.tokenizer, out)
+    write_model_card(out, "trainable", model.config, training)
     return out
 
 
@@ -165,18 +179,24 @@ def _exported_config(model) -> ModelConfig:
     return cfg.validate()
 
 
-def export_merged(model, tokenizer, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write a self-contained model directory (LoRA merged) that `load_pretrained` reads back."""
+def export_merged(model, tokenizer, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
+                  training: Mapping | str | None = None) -> Path:
+    """Write a self-contained model directory (LoRA merged) that `load_pretrained` and, after
+    `import modeling`, transformers' AutoConfig/AutoModel read back.
+
+    training: what the model card records about the run (modeling.model_card.write_model_card).
+    """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise CheckpointError("export_merged needs a tokenizer (the merged directory carries it)")
     ensure_materialised(model, [n for n, _ in model.named_parameters()])
     out = Path(out_dir)
     write_weights(merged_state_dict(model), out, max_shard_bytes)
+    cfg = _exported_config(model)
     _write_json(out / "config.json", {"model_type": MERGED_MODEL_TYPE, "format_version": FORMAT_VERSION,
-                                      "architectures": ["FakeReasoningModel"],
-                                      "model": _exported_config(model).to_dict()})
-    tokenizer.save_pretrained(str(out))
+                                      "architectures": ["FakeReasoningModel"], "model": cfg.to_dict()})
+    save_tokenizer(tokenizer, out)
+    write_model_card(out, "merged", cfg, training)
     return out
 
 
@@ -197,7 +217,7 @@ def load_pretrained(directory: str | Path, config_overrides: dict | None = None)
     d = Path(directory)
     meta = read_json(d / "config.json", "merged FakeReasoning model directory")
     if meta.get("model_type") != MERGED_MODEL_TYPE:
-        hint = " (a reference checkpoint: use import_reference)" if meta.get("model_type") == "llava_llama" else ""
+        hint = " (a reference checkpoint: use import_reference)" if meta.get("model_type") == LLAVA_MODEL_TYPE else ""
         raise CheckpointError(f"{d / 'config.json'}: model_type {meta.get('model_type')!r}, expected "
                               f"{MERGED_MODEL_TYPE!r}{hint}")
     cfg = _config_with(meta["model"], config_overrides)
@@ -211,18 +231,22 @@ def load_pretrained(directory: str | Path, config_overrides: dict | None = None)
 
 
 def load_for_inference(directory: str | Path, config_overrides: dict | None = None):
-    """(model, tokenizer) from a merged directory or a trainable checkpoint, told apart by their files.
+    """(model, tokenizer) from a merged directory or a trainable checkpoint (`checkpoint_format`).
 
     A trainable checkpoint rebuilds the model from its model_config.json: the
     LLM and towers come from their configured paths (override them if the
     files moved), everything else from the checkpoint. The model is in eval mode.
+    A reference checkpoint is an error: it needs `import_reference` and a base config.
     """
     from modeling.model import FakeReasoningModel
 
     d = Path(directory)
-    if (d / "config.json").is_file() and not (d / MODEL_CONFIG).is_file():
+    fmt = checkpoint_format(d)
+    if fmt == "merged":
         return load_pretrained(d, config_overrides)
-    meta = read_json(d / MODEL_CONFIG, "FakeReasoning checkpoint (no config.json either)")
+    if fmt == "reference":
+        raise CheckpointError(f"{d}: a reference checkpoint; load it with import_reference")
+    meta = read_json(d / MODEL_CONFIG, "trainable checkpoint")
     cfg = _config_with(meta["model"], config_overrides)
     tokenizer = load_tokenizer(d)
     # Every tensor not read from a path is in the checkpoint, so initialising is wasted work.
@@ -230,3 +254,41 @@ def load_for_inference(directory: str | Path, config_overrides: dict | None = No
         model = FakeReasoningModel(cfg, tokenizer)
     load_trainable(model, d)
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------- which format a folder holds
+def checkpoint_format(directory: str | Path) -> CheckpointFormat:
+    """The format of a checkpoint folder, from its marker files; the one place that decides it.
+
+      "trainable"  model_config.json with format "fakereasoning-trainable" (save_trainable)
+      "merged"     config.json with model_type "fakereasoning" (export_merged)
+      "reference"  the reference's releases (import_reference): config.json with
+                   model_type "llava_llama" (format (a)), or non_lora_trainables.bin
+                   (format (b), whose config.json may be absent)
+    The trainable marker is checked first: it is the only one of our files that says
+    its format outright. Anything else is a CheckpointError naming the folder and what it holds.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint folder does not exist")
+    found = []
+    if (d / MODEL_CONFIG).is_file():
+        fmt = read_json(d / MODEL_CONFIG, "trainable checkpoint").get("format")
+        if fmt == TRAINABLE_FORMAT:
+            return "trainable"
+        found.append(f"{MODEL_CONFIG} with format {fmt!r}")
+    if (d / NON_LORA_FILE).is_file():
+        return "reference"
+    if (d / "config.json").is_file():
+        model_type = read_json(d / "config.json", "model directory").get("model_type")
+        if model_type == MERGED_MODEL_TYPE:
+            return "merged"
+        if model_type == LLAVA_MODEL_TYPE:
+            return "reference"
+        found.append(f"config.json with model_type {model_type!r}")
+    names = sorted(p.name for p in d.iterdir())
+    found.append(f"files {names[:12]}{' ...' if len(names) > 12 else ''}" if names else "no files")
+    raise CheckpointError(
+        f"{d}: not a FakeReasoning checkpoint (found {'; '.join(found)}); expected {MODEL_CONFIG} with format "
+        f"{TRAINABLE_FORMAT!r}, config.json with model_type {MERGED_MODEL_TYPE!r} or {LLAVA_MODEL_TYPE!r}, "
+        f"or {NON_LORA_FILE}")

@@ -12,9 +12,10 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from .tokenizer_export import TOKENIZER_CONFIG, portable_tokenizer_config
+
 SP_MODEL_FILE = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 ADDED_TOKENS_JSON = "added_tokens.json"
 
@@ -58,6 +59,7 @@ class SentencePieceTokenizerFast(PreTrainedTokenizerFast):
         config = _read_json(config_out)
         config.update(self.saved_config)
         config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+        config = portable_tokenizer_config(config)  # readable by transformers 4 too
         config_out.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
         return (*files, str(model_out))
 
@@ -307,7 +309,7 @@ def tokenizer_from_sentencepiece(folder: str | Path) -> SentencePieceTokenizerFa
             kwargs[key] = config[key]
     tokenizer = SentencePieceTokenizerFast(
         tokenizer_object=backend,
-        saved_config={"tokenizer_class": config.get("tokenizer_class") or "TokenizersBackend"},
+        saved_config={"tokenizer_class": config.get("tokenizer_class") or "PreTrainedTokenizerFast"},
         # Saved next to tokenizer.json by save_pretrained, so a checkpoint's
         # tokenizer is rebuilt (and verified) from the same model on reload.
         vocab_file=str(model_file),

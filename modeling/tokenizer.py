@@ -20,6 +20,7 @@ from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 from .config import DEFAULT_CPM_PREFIX
 from .template import VICUNA_SYSTEM, encode_answer
+from .tokenizer_export import save_tokenizer
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
@@ -116,7 +117,7 @@ def build_bpe_tokenizer(
     cpm_token_ids(fast)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out))
+    save_tokenizer(fast, out)
     return fast
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from modeling.checkpoint import (
     CheckpointError,
+    checkpoint_format,
     checkpoint_parameters,
     export_merged,
     import_reference,
@@ -358,3 +359,38 @@ def test_bin_files_are_read_with_weights_only(env, merged, tmp_path):
     with pytest.raises(CheckpointError, match="weights_only=True"):
         import_reference(tmp_path / "ref", env["with_paths"])
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- telling the formats apart
+def test_checkpoint_format_names_each_format(env, merged, tmp_path):
+    save_trainable(env["model"], tmp_path / "trainable")
+    write_reference_merged(env, merged[0], tmp_path / "ref_merged", "safetensors")
+    lora_out = tmp_path / "ref_lora"  # format (b): the reference's LoRA output needs no config.json
+    lora_out.mkdir()
+    torch.save({}, lora_out / "non_lora_trainables.bin")
+    assert checkpoint_format(tmp_path / "trainable") == "trainable"
+    assert checkpoint_format(merged[0]) == "merged"
+    assert checkpoint_format(tmp_path / "ref_merged") == "reference"
+    assert checkpoint_format(lora_out) == "reference"
+    with pytest.raises(CheckpointError, match="ref_merged: a reference checkpoint; load it with import_reference"):
+        load_for_inference(tmp_path / "ref_merged")
+
+
+def test_checkpoint_format_of_an_unknown_folder_says_what_it_found(tmp_path):
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (llama / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"llama: not a FakeReasoning checkpoint \(found config.json with "
+                                              r"model_type 'llama'; files \['config.json', 'model.safetensors'\]\)"):
+        checkpoint_format(llama)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="found model_config.json with format 'something-else'"):
+        load_for_inference(other)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: not a FakeReasoning checkpoint \(found no files\)"):
+        checkpoint_format(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="absent: checkpoint folder does not exist"):
+        checkpoint_format(tmp_path / "absent")
