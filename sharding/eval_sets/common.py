@@ -72,6 +72,9 @@ class BenchmarkScan:
     rejected: dict[str, list[Rejection]] = field(default_factory=dict)  # generator -> rejections
     staged: str | None = None  # staging folder to remove after writing
     other_files: list[Rejection] = field(default_factory=list)  # rejected files outside any shard set
+    # What the adapter selected (e.g. videos kept / not in the official split),
+    # written to OUT/benchmark.json as "selection" and printed by the CLI.
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def add(self, relpath: str, generator: str, label: int, *, path: str, size: int, fingerprint: str,
             reference: str = "", attributes: dict[str, str | None] | None = None) -> None:

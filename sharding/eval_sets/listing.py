@@ -2,21 +2,26 @@
 
 Columns (CSV header / JSONL keys):
 
-- `path` (required): image path, relative to the listing file's folder or absolute;
+- `path` (required; `path_column` names another, e.g. B-Free's `filename`):
+  image path, relative to the listing file's folder or absolute;
 - `label` (required): 0/1, or real/fake (also 0_real/1_fake, nature/ai), any case;
 - `generator` (optional): the group the image is reported under (default:
   the benchmark name);
 - `reasoning` (optional): the reference reasoning, either a text or an object
   of attribute name -> text (JSONL object, or a JSON object string in CSV),
-  joined like MMFR's references. Without it the image is detection-only.
+  joined like MMFR's references. Without it the image is detection-only;
+- `md5_column` (optional, e.g. B-Free's viral images `md5`): the expected
+  MD5 of the file; a file with another digest is not the listed image (a
+  download that fetched an error page) and is rejected (`md5_mismatch`).
 
 Every row becomes a sample or a counted rejection (`bad_label`, `missing`,
-`duplicate`, `unsupported_extension`, `zero_byte`, `bad_row`); rows read =
-written + rejected.
+`duplicate`, `unsupported_extension`, `zero_byte`, `md5_mismatch`,
+`bad_row`); rows read = written + rejected.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from typing import Any
@@ -38,15 +43,15 @@ def parse_label(value: Any) -> int | None:
     return None
 
 
-def _read_rows(src: str) -> list[tuple[str, Any]]:
+def _read_rows(src: str, path_column: str = "path") -> list[tuple[str, Any]]:
     """(row name for messages, row) pairs; a malformed JSONL line is returned as its error text."""
     rows: list[tuple[str, Any]] = []
     name = os.path.basename(src)
     if src.lower().endswith(".csv"):
         with open(src, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            if not reader.fieldnames or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
-                raise ValueError(f"{src}: the CSV header must have 'path' and 'label' columns, "
+            if not reader.fieldnames or path_column not in reader.fieldnames or "label" not in reader.fieldnames:
+                raise ValueError(f"{src}: the CSV header must have {path_column!r} and 'label' columns, "
                                  f"found {reader.fieldnames}")
             for i, row in enumerate(reader, start=2):
                 rows.append((f"{name}:{i}", row))
@@ -77,20 +82,28 @@ def _reasoning(value: Any) -> tuple[str, dict[str, str | None] | None]:
     return str(value), None
 
 
-def scan_listing(src: str, benchmark: str) -> BenchmarkScan:
+def _md5(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scan_listing(src: str, benchmark: str, path_column: str = "path", md5_column: str | None = None) -> BenchmarkScan:
     src = os.path.abspath(src)
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: not a file (the manifest adapter needs a .csv or .jsonl file)")
     base = os.path.dirname(src)
     scan = BenchmarkScan(benchmark)
     seen: set[str] = set()
-    for where, row in _read_rows(src):
-        if not isinstance(row, dict) or not row.get("path"):
-            detail = row if isinstance(row, str) else "row has no 'path'"
+    for where, row in _read_rows(src, path_column):
+        if not isinstance(row, dict) or not row.get(path_column):
+            detail = row if isinstance(row, str) else f"row has no {path_column!r}"
             scan.reject(benchmark, where, "bad_row", detail)
             continue
         generator = str(row.get("generator") or benchmark)
-        given = str(row["path"])
+        given = str(row[path_column])
         full = os.path.normpath(given if os.path.isabs(given) else os.path.join(base, given))
         inside = os.path.commonpath([full, base]) == base
         rel = (os.path.relpath(full, base) if inside else full.lstrip(os.sep)).replace(os.sep, "/")
@@ -108,6 +121,10 @@ def scan_listing(src: str, benchmark: str) -> BenchmarkScan:
             st = os.stat(full)
             if st.st_size == 0:
                 scan.reject(generator, rel, "zero_byte", "the file is empty")
+                continue
+            expected = str(row.get(md5_column) or "").strip().lower() if md5_column else ""
+            if expected and _md5(full) != expected:
+                scan.reject(generator, rel, "md5_mismatch", f"{where}: the file's MD5 is not the listed {expected}")
                 continue
             reference, attributes = _reasoning(row.get("reasoning"))
             scan.add(rel, generator, label, path=full, size=st.st_size,

@@ -6,60 +6,19 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from sharding import schema
-from sharding.eval_sets.cli import main as cli_main
-from sharding.eval_sets.common import STAGING_DIR
-from sharding.eval_sets.parquet import sniff_ext
-from sharding.eval_sets.video import extract_frames
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helper importable
+from _eval_set_fixtures import img_bytes, put, read_out, run, write_video  # noqa: E402
+from sharding import schema  # noqa: E402
+from sharding.eval_sets.cli import main as cli_main  # noqa: E402
+from sharding.eval_sets.common import STAGING_DIR  # noqa: E402
+from sharding.eval_sets.parquet import sniff_ext  # noqa: E402
+from sharding.eval_sets.video import extract_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def img_bytes(fmt: str = "PNG", color=(200, 10, 10), size=(8, 6)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def put(root: Path, rel: str, data: bytes) -> bytes:
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-    return data
-
-
-def read_out(out: Path) -> dict[str, list[tuple[str, bytes, dict]]]:
-    """generator set dir -> [(key, image bytes, metadata)], checking member order and sizes.json."""
-    sets = {}
-    for set_dir in sorted(p for p in out.iterdir() if (p / "manifest.json").exists()):
-        manifest = json.loads((set_dir / "manifest.json").read_text())
-        sizes = json.loads((set_dir / "sizes.json").read_text())
-        samples = []
-        for shard in sorted(set_dir.glob("shard-*.tar")):
-            with tarfile.open(shard) as tf:
-                members = tf.getmembers()
-                assert sizes[shard.name] == len(members) // 2
-                for img, js in zip(members[::2], members[1::2]):
-                    key, ext = img.name.split(".", 1)
-                    assert js.name == f"{key}.json" and img.mtime == 0 and img.mode == 0o644
-                    meta = json.loads(tf.extractfile(js).read())
-                    assert set(schema.METADATA_FIELDS) <= set(meta) and meta["image_ext"] == ext
-                    assert key == schema.sample_key(meta["relpath"])
-                    samples.append((key, tf.extractfile(img).read(), meta))
-        inputs = manifest["inputs"]
-        assert inputs["images_seen"] == inputs["written"] + inputs["rejected"] == len(samples) + inputs["rejected"]
-        sets[set_dir.name] = (samples, manifest)
-    return sets
-
-
-def run(*argv) -> int:
-    return cli_main([*map(str, argv), "--workers", "1", "--no-progress", "--max-samples-per-shard", "3"])
 
 
 def test_folder_genimage(tmp_path, capsys):
@@ -193,23 +152,6 @@ def test_parquet_hub_export(tmp_path):
     assert sniff_ext(img_bytes("WEBP")) == "webp" and sniff_ext(b"hello") is None
 
 
-def write_video(path: Path, seconds: float, fps: int, color: tuple[int, int, int]) -> None:
-    import av
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
-        for i in range(int(seconds * fps)):
-            arr = np.full((32, 32, 3), color, dtype=np.uint8)
-            arr[: i % 32, :, 1] = 255  # frames differ from each other
-            for packet in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-
-
 def test_video_frames_celeb_df_and_ffpp(tmp_path):
     v = tmp_path / "v.mp4"
     write_video(v, seconds=3, fps=10, color=(0, 0, 200))
@@ -238,6 +180,9 @@ def test_video_frames_celeb_df_and_ffpp(tmp_path):
     assert all(Image.open(io.BytesIO(d)).size == (32, 32) for _, d, _ in samples)
     assert [(r["path"], r["reason"]) for r in manifest["rejected"]] == [
         ("Celeb-synthesis/broken.mp4", "unreadable_video")]
+    assert json.loads((out / "benchmark.json").read_text())["selection"] == {
+        "videos_found": 5, "videos_selected": 4, "split_file": str(celeb / "List_of_testing_videos.txt"),
+        "videos_not_in_split": 1, "split_videos_missing": 0}  # id9_id1_0009 is not a test video
     assert not (out / STAGING_DIR).exists()
 
     ffpp = tmp_path / "FF++"
@@ -264,6 +209,9 @@ def test_shell_entry_point_and_rerun_is_identical(tmp_path):
     res = subprocess.run([sys.executable, "-m", "sharding.eval_sets", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert res.returncode == 0 and "genimage" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "sharding.eval_sets", "--list"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert res.returncode == 0 and all(f"\n{n}  [" in res.stdout for n in ("loki", "bfree", "bfree-viral", "ffpp"))
     assert run("chameleon", src, out) == 0
     assert (out / "chameleon" / "shard-000000.tar").read_bytes() == first
     assert cli_main(["chameleon", str(src), str(out), "--no-progress"]) == 2  # other options, same OUT
