@@ -5,6 +5,12 @@
         --benchmark genimage=BENCH/genimage --benchmark chameleon=BENCH/chameleon --out RESULTS_DIR
     python launch/eval.py --checkpoint DIR --shards OUT_DIR/eval --out RESULTS_DIR      (one process)
     deepspeed --num_gpus 8 launch/eval.py --protocol reference --checkpoint DIR --shards OUT_DIR/eval --out R
+    python launch/eval.py --checkpoint DIR --benchmark celeb-df=BENCH/celeb-df --benchmark ffpp=BENCH/ffpp \
+        --calibrate-on ffpp --perturb jpeg:95,75,50 --perturb resize:0.5 --perturb blur:1.0 --out R
+
+Video sets are also scored per video (mean frame p(fake)); every set gets ECE /
+NLL / Brier and a reliability diagram; --calibrate-on picks a p(fake) threshold
+on one set and reports the others at it; --perturb adds a robustness sweep.
 
 Protocols: "ours" (default) prompts with Vicuna v1 as in training, decodes
 greedily and parses with word boundaries and a negation check. "reference"
@@ -34,6 +40,16 @@ def _benchmark(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--benchmark expects NAME=SHARDS, got {text!r}")
     return name, path
+
+
+def _perturb(text: str) -> str:
+    from pipeline.evaluation.perturbations import PerturbationError, parse_perturbation
+
+    try:
+        parse_perturbation(text)
+    except PerturbationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse names the flag
+    return text
 
 
 def parse_args(argv=None):
@@ -74,6 +90,17 @@ def parse_args(argv=None):
     g.add_argument("--css-model", help="local CLIP folder (text model + tokenizer) for CSS; without it CSS is n/a")
     g.add_argument("--css-batch-size", type=int, default=64, help="texts per CLIP batch (default 64)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--perturb", action="append", type=_perturb, default=[], metavar="KIND:S1[,S2...]",
+                   help="robustness sweep, repeatable: also score every image under jpeg:QUALITY (1..100), "
+                        "resize:FACTOR (down-scaling, (0, 1]) or blur:RADIUS, e.g. --perturb jpeg:95,75,50 "
+                        "--perturb resize:0.5 --perturb blur:1.0; images are decoded once for the whole sweep; "
+                        "results.md gets one table per kind, clean run first")
+    g.add_argument("--calibrate-on", metavar="SET",
+                   help="choose the p(fake) threshold maximising accuracy on this set (a --benchmark name or "
+                        "the --set-name) and report every set's CPM accuracy at it")
+    g.add_argument("--face-crop", action="store_true",
+                   help="crop video frames to their largest face (OpenCV Haar cascade; needs the 'face' extra, "
+                        "opencv-python-headless<5)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("Weights & Biases (rank 0)")
     g.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), default="auto",
@@ -82,6 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--wandb-name", help="W&B run name")
     g.add_argument("--wandb-dir", help="folder receiving wandb/ (default: --out)")
     g.add_argument("--wandb-samples", type=int, default=32, help="predictions with images sent to W&B (default 32)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the settings and every input path (checkpoint, shards, CSS model), "
+                        "print the config, exit")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -90,7 +120,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.tracking import WandbConfig
-    from pipeline.evaluation.config import EvalConfig, EvalConfigError
+    from pipeline.evaluation.config import ConfigError, EvalConfig
 
     names = [n for n, _ in args.benchmark]
     if len(names) != len(set(names)):
@@ -106,12 +136,18 @@ def main(argv=None) -> int:
         reference_base_model=args.reference_base_model, plots=not args.no_plots,
         wandb=WandbConfig(project=args.wandb_project, mode=args.wandb_mode, name=args.wandb_name,
                           dir=args.wandb_dir, tags=["eval"]),
-        wandb_samples=args.wandb_samples, progress=not args.no_progress)
+        wandb_samples=args.wandb_samples, progress=not args.no_progress, perturb=list(args.perturb),
+        calibrate_on=args.calibrate_on, face_crop=args.face_crop)
     try:
-        cfg.validate()
-    except EvalConfigError as e:
+        cfg.validate()  # types, values and every input path
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
     from pipeline.evaluation.runner import run_eval
 
     results = run_eval(cfg)

@@ -11,10 +11,7 @@ arguments; pipeline/training/run.py does the work.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
@@ -22,7 +19,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="training recipe (YAML), e.g. launch/recipes/tiny-cpu.yaml")
     p.add_argument("--resume", default=None,
                    help="shorthand for checkpoint.resume: 'auto' (newest complete checkpoint) or a tag folder")
-    p.add_argument("--check", action="store_true", help="validate the recipe and overrides, print it, exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the recipe, the overrides and every input path, print the config, exit")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -31,14 +29,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.training.config import TrainConfigError, load_train_config
+    from pipeline.input_paths import check_train_inputs
+    from pipeline.training.config import ConfigError, load_train_config
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     try:
         cfg = load_train_config(args.config, overrides)
-    except TrainConfigError as e:
+        check_train_inputs(cfg)  # every input path, for --check and at start-up alike
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.check:

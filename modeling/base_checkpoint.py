@@ -32,11 +32,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from modeling.checkpoint_io import CheckpointError, key_list, read_json, read_tensor_file, weight_files
+from modeling.checkpoint_io import (CheckpointError, key_list, read_json, read_tensor_file, safetensors_names,
+                                 weight_files)
 from modeling.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+# config.json model_type of LLaVA-style folders (LLaVA, MoF and the reference's released
+# checkpoints); defined here only, every module that recognises such a folder imports it.
 LLAVA_MODEL_TYPE = "llava_llama"
 # Our projector module -> the prefix of its weights in a LLaVA folder.
 PROJECTOR_PREFIXES = {"clip_projector": "model.mm_projector.", "dino_projector": "model.dino_mm_projector."}
@@ -62,8 +65,7 @@ def _tensor_names(path: Path) -> list[str]:
         return list(_bin_tensors(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (named by the weight index)")
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+    return safetensors_names(path)  # a damaged file is named
 
 
 def _read_tensors(path: Path, names) -> dict[str, torch.Tensor]:

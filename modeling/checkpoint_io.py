@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -54,7 +55,8 @@ def read_tensor_file(path: str | Path, mmap: bool = False) -> dict[str, torch.Te
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        with _named_safetensors_errors(path):
+            state = load_file(str(path))
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
@@ -66,6 +68,28 @@ def read_tensor_file(path: str | Path, mmap: bool = False) -> dict[str, torch.Te
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{path}: not a flat state dict of named tensors")
     return state
+
+
+@contextmanager
+def _named_safetensors_errors(path: Path):
+    # safetensors' own messages ("incomplete metadata, file not fully covered")
+    # do not say which file; a damaged shard of a 3-file model must be named.
+    try:
+        yield
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file, damaged or incomplete "
+                              f"(a truncated download or copy?): {exc}") from exc
+
+
+def safetensors_names(path: str | Path) -> list[str]:
+    """The tensor names of a .safetensors file, from its header only (the tensors are
+    not read); safetensors checks there that the file covers every tensor, so a
+    truncated file fails here, named."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with _named_safetensors_errors(path), safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 def weight_files(directory: str | Path, stems: tuple[str, ...] = ("model", "pytorch_model")) -> list[Path]:
@@ -182,12 +206,17 @@ def load_clean_state(model: nn.Module, state: dict[str, torch.Tensor], expected,
 
 
 def ensure_materialised(model: nn.Module, names) -> None:
-    """Refuse ZeRO-3 partitioned parameters: they would be saved as empty tensors."""
+    """Refuse parameters without elements: they would be saved as empty tensors.
+
+    A parameter that ZeRO-3 partitioned and has not gathered is one (DeepSpeed
+    empties its data on every rank). Checked by what the tensor holds, not by
+    DeepSpeed's own attributes, which only pipeline/distributed.py reads.
+    """
     params = dict(model.named_parameters())
-    bad = [n for n in names if n in params and getattr(params[n], "ds_numel", None) not in (None, params[n].numel())]
+    bad = [n for n in names if n in params and params[n].numel() == 0]
     if bad:
         raise CheckpointError(
-            f"parameters are partitioned (ZeRO-3): {key_list(bad)}; gather them first "
+            f"parameters hold no elements (partitioned by ZeRO-3?): {key_list(bad)}; gather them first "
             f"(deepspeed.zero.GatheredParameters) and save on one rank"
         )
 

@@ -9,17 +9,20 @@ written and validated on a machine without a GPU.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-DINO_BACKENDS = ("transformers", "timm")
-CPM_POSITION_MODES = ("labels", "argmax")
-DTYPES = ("float32", "bfloat16", "float16")
-PROJECTOR_TYPES = ("mlp2x_gelu",)
+from modeling.config_loading import ConfigError, check_fields, load_section
+
+# The choices of the model's string fields (the loader checks values against them).
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+DinoBackend = Literal["transformers", "timm"]
+CpmPosition = Literal["labels", "argmax"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+ProjectorType = Literal["mlp2x_gelu"]
+ModelPreset = Literal["tiny", "paper"]
 
 # The conclusion's spelling in the real MMFR answers and in the reference's
 # hard-coded CPM ids (910 = "▁This": a space after the tag).
@@ -28,10 +31,6 @@ DEFAULT_CPM_PREFIX = "<CONCLUSION> This image is"
 # CLIP's normalisation constants (OpenAI CLIP); both towers see the same tensor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclass
@@ -59,7 +58,7 @@ class VisionTowerConfig:
     """LayerNorm epsilon of the blocks."""
     freeze: bool = True
     """Keep the tower frozen (no gradients, run under no_grad)."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     """Attention backend of the tower: sdpa, eager or flash_attention_2."""
 
 
@@ -69,8 +68,9 @@ class ClipTowerConfig(VisionTowerConfig):
 
     select_layer: int = -2
     """Index into hidden_states whose patch tokens are used (-2: second to last layer)."""
-    hidden_act: str = "quick_gelu"
-    """Activation of the MLP (OpenAI CLIP uses quick_gelu)."""
+    hidden_act: Literal["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"] = "quick_gelu"
+    """Activation of the MLP of a random-init tower (OpenAI CLIP uses quick_gelu;
+    a checkpoint at `path` brings its own); names of transformers' ACT2FN."""
 
 
 @dataclass
@@ -126,7 +126,7 @@ class LLMConfig:
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
     """Rotary base frequency."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     """Attention backend: sdpa (default), eager, or flash_attention_2 (needs
     flash-attn and CUDA; anything else is an error at start-up)."""
 
@@ -143,7 +143,7 @@ class LoRAConfig:
     """Scaling numerator (scale = alpha / r)."""
     dropout: float = 0.05
     """Dropout on the adapter input."""
-    target_modules: Any = "all-linear"
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """peft target_modules: "all-linear" (every nn.Linear of the LLM except
     lm_head) or a list of module-name suffixes such as ["q_proj", "v_proj"]."""
 
@@ -163,7 +163,7 @@ class FusionConfig:
     """Epsilon of the two post-norm LayerNorms."""
     log_eps: float = 1e-6
     """Added to the DINO attention map before the log."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """sdpa (fused kernel with the bias as attn_mask) or eager (explicit softmax)."""
 
 
@@ -177,7 +177,7 @@ class CPMConfig:
     """Logits of the real/fake tokens are divided by this before the softmax."""
     weight: float = 1.0
     """Total loss = lm_loss + weight x cpm_loss."""
-    position: str = "labels"
+    position: CpmPosition = "labels"
     """Where the decision position is found: "labels" (the ground-truth
     "...This image is" followed by real/fake) or "argmax" (the reference's
     matching of predicted tokens, for exact reproduction)."""
@@ -226,12 +226,12 @@ class ModelConfig:
     """CLIP vision tower."""
     dino: DinoTowerConfig = field(default_factory=DinoTowerConfig)
     """DINOv2 tower."""
-    dino_backend: str = "transformers"
+    dino_backend: DinoBackend = "transformers"
     """How DINOv2 is built/loaded: "transformers" (Dinov2Model; `dino.path` the
     official dinov2_vitl14_pretrain.pth or a model dir) or "timm"
     (VisionTransformer; `dino.path` the official .pth). Both hold the same
     position table, resampled with the official formula. Never guessed from the path."""
-    projector_type: str = "mlp2x_gelu"
+    projector_type: ProjectorType = "mlp2x_gelu"
     """Projector from each tower to the LLM width."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     """Language model."""
@@ -241,12 +241,12 @@ class ModelConfig:
     """Forgery-aware fusion module."""
     cpm: CPMConfig = field(default_factory=CPMConfig)
     """Classification probability mapper."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Parameter dtype when the model is built: float32, bfloat16 or float16."""
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: ModelPreset) -> "ModelConfig":
         """`tiny` (CPU tests, a training step well under a second) or `paper`."""
         if name == "tiny":
             cfg = cls(
@@ -274,7 +274,7 @@ class ModelConfig:
                 dtype="bfloat16",
             )
         else:
-            raise ConfigError(f"unknown model preset {name!r}; choose 'tiny' or 'paper'")
+            raise ConfigError(f"model.preset={name!r}: must be one of ['tiny', 'paper']")
         cfg.validate()
         return cfg
 
@@ -289,13 +289,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict, *, base: "ModelConfig | None" = None) -> "ModelConfig":
         """Build from a (possibly partial) nested dict over `base` (default: the
-        dataclass defaults). Unknown keys are an error naming the field path."""
-        cfg = copy.deepcopy(base) if base is not None else cls()
-        _update_dataclass(cfg, data, prefix="model")
-        cfg.image_mean = tuple(float(x) for x in cfg.image_mean)
-        cfg.image_std = tuple(float(x) for x in cfg.image_std)
-        cfg.validate()
-        return cfg
+        dataclass defaults), through the typed loader (modeling.config_loading):
+        every value is checked against its field's type, unknown keys are an
+        error naming the dotted field (`model.llm.hidden_sze`)."""
+        return load_section(cls, data, "model", base=base).validate()
 
     # ------------------------------------------------------------------ checks
     @property
@@ -304,92 +301,88 @@ class ModelConfig:
         return (self.image_size // self.clip.patch_size) ** 2
 
     def validate(self) -> "ModelConfig":
-        """Static checks; raise ConfigError naming the field."""
+        """Types (every field against its annotation, choices included), then ranges
+        and combinations; raise ConfigError naming the dotted field."""
+        check_fields(self, "model")
         _positive(self, "model", ["image_size"])
-        for name in ("image_mean", "image_std"):
-            if len(getattr(self, name)) != 3:
-                raise ConfigError(f"model.{name} must have 3 values, got {getattr(self, name)!r}")
         if any(s <= 0 for s in self.image_std):
-            raise ConfigError(f"model.image_std must be positive, got {self.image_std!r}")
-        if not isinstance(self.apply_exif_orientation, bool):
-            # A YAML/JSON string such as "false" would otherwise count as true.
-            raise ConfigError(f"model.apply_exif_orientation must be true or false, "
-                              f"got {self.apply_exif_orientation!r}")
+            raise ConfigError(f"model.image_std={self.image_std!r}: must be positive")
         for tname in ("clip", "dino"):
-            t = getattr(self, tname)
-            _positive(t, tname, ["hidden_size", "num_layers", "num_heads", "intermediate_size",
-                                 "patch_size", "native_image_size"])
-            if t.hidden_size % t.num_heads:
-                raise ConfigError(f"{tname}.hidden_size={t.hidden_size} is not divisible by "
-                                  f"{tname}.num_heads={t.num_heads}")
-            if self.image_size % t.patch_size:
-                raise ConfigError(f"model.image_size={self.image_size} is not a multiple of "
-                                  f"{tname}.patch_size={t.patch_size}")
-            _choice(t.attn_implementation, ATTN_IMPLEMENTATIONS, f"{tname}.attn_implementation")
+            self._check_tower(tname)
         if self.clip.patch_size != self.dino.patch_size:
             # The DINO attention map (N_dino x N_dino) biases CLIP-query x DINO-key scores.
-            raise ConfigError(f"clip.patch_size={self.clip.patch_size} must equal dino.patch_size="
+            raise ConfigError(f"model.clip.patch_size={self.clip.patch_size} must equal model.dino.patch_size="
                               f"{self.dino.patch_size}: the fusion bias needs both token grids equal")
         if not -self.clip.num_layers - 1 <= self.clip.select_layer <= self.clip.num_layers:
-            raise ConfigError(f"clip.select_layer={self.clip.select_layer} is outside the "
+            raise ConfigError(f"model.clip.select_layer={self.clip.select_layer} is outside the "
                               f"{self.clip.num_layers + 1} hidden states of the tower")
         if self.dino.intermediate_size % self.dino.hidden_size:
             # DINOv2 (both backends) defines its MLP by an integer mlp_ratio.
-            raise ConfigError(f"dino.intermediate_size={self.dino.intermediate_size} must be a "
-                              f"multiple of dino.hidden_size={self.dino.hidden_size}")
-        _choice(self.dino_backend, DINO_BACKENDS, "model.dino_backend")
+            raise ConfigError(f"model.dino.intermediate_size={self.dino.intermediate_size} must be a "
+                              f"multiple of model.dino.hidden_size={self.dino.hidden_size}")
         if self.dino_backend == "timm" and self.dino.attn_implementation == "flash_attention_2":
-            raise ConfigError("dino.attn_implementation=flash_attention_2 is not available with "
+            raise ConfigError("model.dino.attn_implementation=flash_attention_2 is not available with "
                               "model.dino_backend=timm (timm picks its own fused attention)")
-        _choice(self.projector_type, PROJECTOR_TYPES, "model.projector_type")
-        _choice(self.dtype, DTYPES, "model.dtype")
+        self._check_llm()
+        self._check_heads()
+        return self
+
+    def _check_tower(self, tname: str) -> None:
+        t = getattr(self, tname)
+        _positive(t, f"model.{tname}", ["hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                        "patch_size", "native_image_size"])
+        if t.hidden_size % t.num_heads:
+            raise ConfigError(f"model.{tname}.hidden_size={t.hidden_size} is not divisible by "
+                              f"model.{tname}.num_heads={t.num_heads}")
+        if self.image_size % t.patch_size:
+            raise ConfigError(f"model.image_size={self.image_size} is not a multiple of "
+                              f"model.{tname}.patch_size={t.patch_size}")
+
+    def _check_llm(self) -> None:
         llm = self.llm
-        _positive(llm, "llm", ["hidden_size", "intermediate_size", "num_layers", "num_heads",
-                               "max_position_embeddings"])
+        _positive(llm, "model.llm", ["hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                     "max_position_embeddings"])
         if llm.vocab_size is not None and llm.vocab_size <= 0:
-            raise ConfigError(f"llm.vocab_size must be positive or null, got {llm.vocab_size}")
+            raise ConfigError(f"model.llm.vocab_size={llm.vocab_size}: must be positive or null")
         if llm.hidden_size % llm.num_heads:
-            raise ConfigError(f"llm.hidden_size={llm.hidden_size} is not divisible by "
-                              f"llm.num_heads={llm.num_heads}")
+            raise ConfigError(f"model.llm.hidden_size={llm.hidden_size} is not divisible by "
+                              f"model.llm.num_heads={llm.num_heads}")
         kv = llm.num_kv_heads or llm.num_heads
         if llm.num_heads % kv:
-            raise ConfigError(f"llm.num_heads={llm.num_heads} is not a multiple of "
-                              f"llm.num_kv_heads={kv}")
-        _choice(llm.attn_implementation, ATTN_IMPLEMENTATIONS, "llm.attn_implementation")
+            raise ConfigError(f"model.llm.num_heads={llm.num_heads} is not a multiple of "
+                              f"model.llm.num_kv_heads={kv}")
         lora = self.lora
         if lora.enabled:
-            _positive(lora, "lora", ["r", "alpha"])
+            _positive(lora, "model.lora", ["r", "alpha"])
             if not 0.0 <= lora.dropout < 1.0:
-                raise ConfigError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
-            tm = lora.target_modules
-            if not (tm == "all-linear" or (isinstance(tm, (list, tuple)) and tm
-                                           and all(isinstance(x, str) for x in tm))):
-                raise ConfigError(f"lora.target_modules must be 'all-linear' or a non-empty list "
-                                  f"of module names, got {tm!r}")
+                raise ConfigError(f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
+            if not lora.target_modules:
+                raise ConfigError("model.lora.target_modules=[]: must be 'all-linear' or a non-empty "
+                                  "list of module names")
+
+    def _check_heads(self) -> None:
+        """The fusion module and the CPM (the parts on top of the LLM)."""
         f = self.fusion
-        _positive(f, "fusion", ["num_heads", "ffn_mult", "norm_eps", "log_eps"])
-        if llm.hidden_size % f.num_heads:
-            raise ConfigError(f"fusion.num_heads={f.num_heads} does not divide llm.hidden_size="
-                              f"{llm.hidden_size}")
+        _positive(f, "model.fusion", ["num_heads", "ffn_mult", "norm_eps", "log_eps"])
+        if self.llm.hidden_size % f.num_heads:
+            raise ConfigError(f"model.fusion.num_heads={f.num_heads} does not divide model.llm.hidden_size="
+                              f"{self.llm.hidden_size}")
         if not 0.0 <= f.dropout < 1.0:
-            raise ConfigError(f"fusion.dropout must be in [0, 1), got {f.dropout}")
-        _choice(f.attn_implementation, ("sdpa", "eager"), "fusion.attn_implementation")
+            raise ConfigError(f"model.fusion.dropout={f.dropout}: must be in [0, 1)")
         c = self.cpm
         if c.temperature <= 0:
-            raise ConfigError(f"cpm.temperature must be positive, got {c.temperature}")
+            raise ConfigError(f"model.cpm.temperature={c.temperature}: must be positive")
         if c.weight < 0:
-            raise ConfigError(f"cpm.weight must be >= 0, got {c.weight}")
-        _choice(c.position, CPM_POSITION_MODES, "cpm.position")
+            raise ConfigError(f"model.cpm.weight={c.weight}: must be >= 0")
         if not c.answer_prefix.strip():
-            raise ConfigError("cpm.answer_prefix must not be empty")
-        return self
+            raise ConfigError(f"model.cpm.answer_prefix={c.answer_prefix!r}: must not be empty")
 
     def check_runtime(self) -> None:
         """Checks that depend on the machine, run when the model is built (start-up),
         so that an impossible attention backend fails before any data is read."""
         import torch  # local: keep the config importable without torch side effects
 
-        wanted = [(f"{n}.attn_implementation", getattr(self, n).attn_implementation)
+        wanted = [(f"model.{n}.attn_implementation", getattr(self, n).attn_implementation)
                   for n in ("clip", "dino", "llm")]
         for name, impl in wanted:
             if impl != "flash_attention_2":
@@ -408,24 +401,5 @@ class ModelConfig:
 def _positive(obj: Any, prefix: str, names: list[str]) -> None:
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"{prefix}.{n} must be a positive number, got {v!r}")
-
-
-def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}")
-
-
-def _update_dataclass(obj: Any, data: dict, prefix: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config field {prefix}.{key} (known: {sorted(fields)})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _update_dataclass(current, value, f"{prefix}.{key}")
-        else:
-            setattr(obj, key, value)
+        if v <= 0:
+            raise ConfigError(f"{prefix}.{n}={v!r}: must be a positive number")

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PretrainedConfig
 
+from modeling.input_paths import TOKENIZER_FOLDER, path_problem
+
 # Re-exported: the public names of the tokenizer-loading API live in one place.
 from .sentencepiece_tokenizer import (  # noqa: F401
     SP_MODEL_FILE,
@@ -67,8 +69,9 @@ def load_tokenizer(path: str | Path):
     Raises TokenizerLoadError when the folder cannot be read.
     """
     folder = Path(path)
-    if not folder.is_dir():
-        raise TokenizerLoadError(f"{folder}: tokenizer folder does not exist")
+    problem = path_problem(folder, TOKENIZER_FOLDER)
+    if problem is not None:
+        raise TokenizerLoadError(f"{folder}: {problem}")
     if (folder / SP_MODEL_FILE).is_file():
         tokenizer = _load_sentencepiece_folder(folder)
     else:

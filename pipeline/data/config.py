@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-RESAMPLED_MODES = ("auto", "on", "off")
-CONVERSATION_POLICIES = ("random", "cycle", "first")
-OVERLONG_POLICIES = ("truncate", "skip")
+from modeling.config_loading import ConfigError, check_fields, load_section
 
 
 @dataclass
@@ -58,7 +56,7 @@ class DataConfig:
     """Data seed: with (epoch, rank, world size, num_workers, batch_size) it fixes
     every batch, so a resumed run sees the same batches as an uninterrupted one."""
 
-    resampled: str = "auto"
+    resampled: Literal["auto", "on", "off"] = "auto"
     """"on": every worker draws shards with replacement (seeded) forever;
     "off": shards are split between ranks then workers without replacement;
     "auto": "on" exactly when there are fewer shards than world_size x
@@ -74,7 +72,7 @@ class DataConfig:
     model widens it to its image tokens; pipeline/training/config.py checks the sum
     against the LLM's positions)."""
 
-    overlong: str = "truncate"
+    overlong: Literal["truncate", "skip"] = "truncate"
     """An example longer than max_length: "truncate" cuts the answer from its
     end like the reference (the template drops the eos too; counted per batch
     as `truncated_samples`, and such a row may lose the <CONCLUSION> the CPM
@@ -110,7 +108,7 @@ class DataConfig:
     0.36 with 0.8% label-pure; see benchmarks/bench_padding.py for the padding
     each value costs."""
 
-    conversation_choice: str = "random"
+    conversation_choice: Literal["random", "cycle", "first"] = "random"
     """Which of an image's conversations an epoch trains on: "random" draws one
     with a hash of (seed, epoch, key); "cycle" starts at a seeded offset per
     image and advances by one each epoch, so every conversation is used once
@@ -135,47 +133,36 @@ class DataConfig:
     one by one, then at most one summary line per this many seconds."""
 
     def validate(self) -> "DataConfig":
-        """Check field values and combinations; raise ValueError naming the field."""
-        def bad(name: str, why: str) -> None:
-            raise ValueError(f"data.{name}={getattr(self, name)!r}: {why}")
+        """Check field types (modeling.config_loading), values and combinations;
+        raise ConfigError naming the field as data.<field>."""
+        check_fields(self, "data")
 
-        if not isinstance(self.train_shards, str) or not self.train_shards.strip():
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"data.{name}={getattr(self, name)!r}: {why}")
+
+        if not self.train_shards.strip():
             bad("train_shards", "required: a shard directory with sizes.json or a brace pattern")
         for name in ("batch_size", "prefetch_factor", "max_length", "pad_to_multiple_of", "group_window"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("num_workers", "shuffle_buffer", "bad_check_min_samples", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
-        if not isinstance(self.group_by_length, bool):
-            bad("group_by_length", "must be true or false")
-        share = self.group_min_label_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 0.5:
+        if not 0.0 <= self.group_min_label_share <= 0.5:
             bad("group_min_label_share", "must be a number in [0, 0.5]")
-        if self.resampled not in RESAMPLED_MODES:
-            bad("resampled", f"must be one of {RESAMPLED_MODES}")
-        if self.conversation_choice not in CONVERSATION_POLICIES:
-            bad("conversation_choice", f"must be one of {CONVERSATION_POLICIES}")
-        if self.overlong not in OVERLONG_POLICIES:
-            bad("overlong", f"must be one of {OVERLONG_POLICIES}")
-        if self.samples_per_epoch is not None and (
-            not isinstance(self.samples_per_epoch, int) or self.samples_per_epoch < 1
-        ):
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             bad("samples_per_epoch", "must be None (whole shard set) or an integer >= 1")
-        if not 0.0 <= float(self.max_bad_fraction) < 1.0:
+        if not 0.0 <= self.max_bad_fraction < 1.0:
             bad("max_bad_fraction", "must be in [0, 1)")
-        if float(self.bad_log_interval_s) < 0:
+        if self.bad_log_interval_s < 0:
             bad("bad_log_interval_s", "must be >= 0")
         return self
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
-        """Build from a plain dict (YAML section); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"data: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values).validate()
+        """Build from a plain dict (YAML section) through the typed loader; unknown
+        keys and wrong types are errors naming data.<field>."""
+        return load_section(cls, values, "data").validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -42,8 +42,10 @@ def _load_sizes(path: str) -> dict[str, int]:
         with open(path, encoding="utf-8") as f:
             sizes = json.load(f)
     except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        where = f"its folder {folder} does not exist" if not os.path.isdir(folder) else "no such file"
         raise FileNotFoundError(
-            f"{path}: no sizes.json; the loader needs per-shard sample counts "
+            f"{path}: {where}; the loader needs the per-shard sample counts of sizes.json "
             "(written by sharding/shard_mmfr.py), or pass data.sizes_file"
         ) from None
     except json.JSONDecodeError as e:
@@ -69,6 +71,10 @@ def discover_shards(spec: str, sizes_file: str | None = None) -> ShardSet:
         urls = [os.path.join(spec, name) for name in sorted(sizes)]
         counts = [sizes[name] for name in sorted(sizes)]
     else:
+        if "{" not in spec and not _is_remote(spec) and not os.path.exists(spec):
+            # Not a folder, not a pattern, not a shard: do not go looking for a sizes.json beside it.
+            raise FileNotFoundError(f"data.train_shards={spec!r} does not exist (expected a shard set folder "
+                                    f"with {SIZES_FILE}, or a brace pattern of .tar shards)")
         urls = expand_urls(spec)
         if not urls:
             raise ValueError(f"data.train_shards={spec!r}: the pattern expands to no shard")

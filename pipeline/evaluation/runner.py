@@ -252,5 +252,25 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
                            extra={"run": run, "protocol": cfg.protocol_record(), "selection": selection},
                            perturbed=[r for g in gathered for r in g[3]])
     log_eval(cfg, results, all_rows)
+    if fmt != "reference":
+        refresh_model_card(cfg.checkpoint, results)
     return results
+
+
+def refresh_model_card(checkpoint: str, results: dict[str, Any]) -> None:
+    """Write the results into the export's model card (README.md), when it has one.
+
+    Only weight files enter the checkpoint's sha256 (report.checkpoint_identity),
+    so the card can change without changing the identity. A read-only checkpoint
+    folder (a shared release) keeps its card; the results are in `cfg.out` anyway.
+    """
+    from modeling.model_card import CARD_FILE, update_card_evaluation
+
+    if not (Path(checkpoint) / CARD_FILE).is_file():
+        return
+    try:
+        path = update_card_evaluation(checkpoint, results)
+        log.info("model card updated with the evaluation: %s", path)
+    except OSError as e:
+        log.warning("model card of %s not updated (%s); the results are in the eval folder", checkpoint, e)
 

@@ -2,12 +2,17 @@
 per field); assembled into TrainConfig by pipeline.training.config."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from modeling.config_loading import ConfigError
+from modeling.flops import PEAK_TFLOPS
 
-class TrainConfigError(ValueError):
-    """A recipe or override is invalid; the message names the field."""
+# The old name of the one configuration error class (modeling.config_loading).
+TrainConfigError = ConfigError
+
+# perf.gpu: "auto" or a key of the peak table.
+GpuName = Literal[("auto", *PEAK_TFLOPS)]
 
 
 @dataclass
@@ -79,7 +84,7 @@ class LoopConfig:
 class ZeroConfig:
     """DeepSpeed ZeRO settings (the generated DeepSpeed JSON)."""
 
-    stage: int = 3
+    stage: Literal[0, 1, 2, 3] = 3
     """ZeRO stage 0-3: 3 partitions parameters, gradients and optimizer states."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """Keep optimizer states (and the step) on the CPU."""
@@ -114,6 +119,12 @@ class CheckpointConfig:
     is one; a path: that checkpoint tag folder; None: start fresh."""
     save_final: bool = True
     """Save a DeepSpeed checkpoint after the last step."""
+    space_margin: float = 1.2
+    """Before each save the checkpoint's size is estimated (pipeline/training/
+    checkpointing.py: estimate_checkpoint_bytes) and a save whose estimate times
+    this factor exceeds the free space of the checkpoint folder's file system is
+    refused naming the numbers; at start-up a first save that would not fit is
+    warned about. 0 disables both checks."""
     export: bool = True
     """After the last step write the LoRA adapter + trainables and the merged model."""
 
@@ -143,12 +154,54 @@ class PerfConfig:
     """Dense peak TFLOP/s of one device in the training precision; null takes
     it from `gpu`. Set it for a GPU the table lacks or a precision it does not
     describe (the table is bf16/fp16 tensor cores; fp32 runs are lower)."""
-    gpu: str = "auto"
+    gpu: GpuName = "auto"
     """Which entry of modeling.flops.PEAK_TFLOPS gives the peak when
     peak_tflops is null: "auto" matches torch.cuda.get_device_name() of the
     rank's device against the table (no CUDA device or no match: no perf/mfu,
     with a log line saying why), or a table key such as "H100" or "A100"."""
 
 
-PRECISIONS = ("bf16", "fp16", "fp32")
-NONFINITE_POLICIES = ("stop", "skip")
+@dataclass
+class PreemptionConfig:
+    """Stopping on request with a checkpoint (pipeline/training/preemption.py).
+
+    SIGTERM and SIGINT always ask for it; so do `signal`, the stop file and (with
+    watch_launcher) the death of the launcher that started the ranks. Every rank
+    then finishes its current optimizer step, all agree on the stop at the same
+    step (one flag all-reduced per step), write a complete checkpoint and exit
+    with status 75 (EX_TEMPFAIL: preempted, resumable with checkpoint.resume=auto)."""
+
+    signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = "SIGUSR1"
+    """A further signal that asks for the stop, besides SIGTERM and SIGINT: the
+    advance warning of a scheduler (SLURM's --signal=USR1@120)."""
+    grace_s: float = 110.0
+    """Seconds from the stop request to the end of the checkpoint; a rank still
+    busy then exits with status 75 regardless (the newest complete checkpoint is
+    then an older one). Keep it below what the scheduler grants (SLURM: the @time
+    of --signal; DeepSpeed's node launcher SIGKILLs ranks 30 s after it forwards a
+    SIGTERM, which bounds the launcher and process-group paths whatever this says)."""
+    stop_file: str | None = "STOP"
+    """A file (relative to output_dir, or absolute) whose appearance asks for the
+    stop; global rank 0 looks for it after every step. It works across nodes on a
+    shared file system (launch/slurm.example.sh touches it on USR1). One left by an
+    earlier run is removed at start. null: no stop file."""
+    watch_launcher: bool = True
+    """Stop when the launcher that started this rank is gone: its parent (DeepSpeed's
+    node launcher, torchrun) exited, or the node launcher's own parent (the
+    `deepspeed` command) did. Polled once a second in a thread; only for ranks
+    started by a launcher (LOCAL_RANK set), never for a plain `python launch/train.py`."""
+
+
+@dataclass
+class OutputLockConfig:
+    """One run per output_dir: global rank 0 holds <output_dir>/run.lock (sharding/dir_lock.py)."""
+
+    enabled: bool = True
+    """Take the lock; a second run into a held output_dir exits with status 2 naming the holder."""
+    refresh_s: float = 30.0
+    """Seconds between two heartbeats of the lock file (a thread on rank 0)."""
+    stale_after_s: float = 600.0
+    """A lock not refreshed for this long is taken over with a warning (its holder
+    died on another node); must exceed 2 x refresh_s. A holder on the same host is
+    checked directly (its pid), so a killed run's lock is taken over at once."""
+

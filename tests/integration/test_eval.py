@@ -89,6 +89,8 @@ def test_two_ranks_match_one_process(setup, tmp_path):
 
     r1 = json.loads((one / "results.json").read_text())
     r2 = json.loads((two / "results.json").read_text())
+    card = (Path(s.model) / "README.md").read_text()
+    assert "## Evaluation" in card  # the eval refreshed the export's model card
     assert r1["run"]["world_size"] == 1 and r2["run"]["world_size"] == 2
     # 23 images in 8 batches of 3 (the last of 2), split into whole batches, no padding
     assert [p["images"] for p in r2["run"]["per_rank"]] == [12, 11]
