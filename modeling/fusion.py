@@ -1,4 +1,4 @@
-"""Forgery-aware fusion module (DESIGN section 5).
+"""Forgery-aware fusion module (docs/architecture.md, section 4).
 
 CLIP tokens (queries) attend to DINO tokens (keys/values) in one
 cross-attention layer whose per-head scores get an additive bias computed from

@@ -1,6 +1,6 @@
 """Image -> tensor exactly as the reference recipe: pad to square, resize, CLIP-normalise.
 
-One tensor feeds both towers (DESIGN section 5). The reference (a LLaVA fork)
+One tensor feeds both towers (docs/architecture.md, section 4). The reference (a LLaVA fork)
 does `Image.open(path).convert("RGB")`, LLaVA's `expand2square` with the CLIP
 mean colour, then transformers' CLIP image processor (shortest edge -> S
 bicubic, centre crop S, x/255, CLIP mean/std). This module reproduces that

@@ -30,7 +30,7 @@ SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
 TAG_TOKENS = ("<SUMMARY>", "</SUMMARY>", "<CAPTION>", "</CAPTION>", "<REASONING>", "</REASONING>",
               "<CONCLUSION>", "</CONCLUSION>")
 
-# The CPM reads the logits of the token after this text (DESIGN section 5). It is
+# The CPM reads the logits of the token after this text (docs/architecture.md, section 4). It is
 # spelled as in the real MMFR answers and in the reference's hard-coded ids
 # ("<CONCLUSION> This image is", with a space after the tag); the position is
 # located whatever whitespace a given answer has there (modeling.cpm).

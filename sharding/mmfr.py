@@ -1,4 +1,4 @@
-"""Reader of the released MMFR layout (DESIGN section 3) into shard samples.
+"""Reader of the released MMFR layout (docs/architecture.md, section 3) into shard samples.
 
 `scan_mmfr(root)` walks the dataset once, joins the images on disk with the
 LLaVA conversations of `forgery_reasoning_cot.json` and the attribute texts of
@@ -6,7 +6,7 @@ the `*_reasoning.json` files, and returns, per shard set ("train",
 "eval/<generator>"), a deterministic list of candidate samples (sorted by
 relative path) and the inputs it rejected, each with its path and reason.
 
-Rules (DESIGN section 7): a training image needs at least one conversation
+Rules (docs/architecture.md, section 7): a training image needs at least one conversation
 that concludes real/fake consistently with its source; evaluation images
 without a reasoning annotation are kept for detection with has_reasoning
 false. Problems with annotation records or whole JSON files are listed too

@@ -1,4 +1,4 @@
-"""Evaluation stage: generation, parsing, metrics and reports (DESIGN section 6).
+"""Evaluation stage: generation, parsing, metrics and reports (docs/architecture.md, section 5).
 
 - ``parsing``: generated answer -> decision, parse status, reasoning text;
 - ``metrics``: BLEU-1 / ROUGE-L / CSS, accuracy in the reference and strict

@@ -1,4 +1,4 @@
-"""FDR metrics (DESIGN section 6): detection accuracy in two conventions, text
+"""FDR metrics (docs/architecture.md, section 5): detection accuracy in two conventions, text
 metrics of the generated reasoning, and AUC/AP of the CPM probability.
 
 Every function here is pure (lists of floats or prediction rows in, numbers

@@ -9,7 +9,7 @@ from sharding.schema import GENERATORS
 from sharding.synthetic.generate import SyntheticConfig, generate_from_config
 
 _EPILOG = f"""\
-layout written (as the released MMFR, DESIGN section 3):
+layout written (as the released MMFR, docs/architecture.md, section 3):
   diffusiondb/part-000001/<uuid>.png ...        training fakes, ceil(N/2), PNG
   diffusiondb/diffusiondb_reasoning.json
   laion/00000/<9 digits>.jpg ...                training reals, floor(N/2), JPEG

@@ -1,4 +1,4 @@
-"""Writing a synthetic MMFR tree in exactly the released layout (DESIGN section 3).
+"""Writing a synthetic MMFR tree in exactly the released layout (docs/architecture.md, section 3).
 
 Determinism: each image's pixels, name and texts come from random generators
 seeded by (seed, stream, index), where the stream is a stable hash of the

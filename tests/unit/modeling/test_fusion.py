@@ -1,4 +1,4 @@
-"""Forgery-aware fusion against a direct computation of the DESIGN math."""
+"""Forgery-aware fusion against a direct computation of the fusion math (docs/architecture.md, section 4)."""
 import math
 
 import pytest
@@ -34,7 +34,7 @@ def _layer_norm(x, w, b, eps=1e-6):
 
 
 def _direct(m, clip, dino, attn):
-    """DESIGN section 5, written out: drop CLS row/col, log(A + 1e-6), 1x1 conv
+    """The fusion math, written out: drop CLS row/col, log(A + 1e-6), 1x1 conv
     (heads -> 2 heads), GELU, 1x1 conv (-> heads) as per-head bias of the scaled QK^T of
     a cross-attention (CLIP queries, DINO keys/values), post-norm residual, 4x ReLU FFN,
     post-norm residual."""
