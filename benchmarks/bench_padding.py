@@ -77,13 +77,12 @@ def make_shards(work: str, train_images: int) -> str:
 
 def make_tokenizer(train: str, work: str):
     """The tokenizer a run with tokenizer.path null builds (same corpus, same size)."""
-    from modeling.tokenizer import build_bpe_tokenizer, demo_corpus
+    from modeling.tokenizer import build_bpe_tokenizer
+    from pipeline.data.corpus import tokenizer_corpus
     from pipeline.training.config import TokenizerConfig
-    from pipeline.training.run import shard_corpus
-    from sharding.schema import ATTRIBUTES, EVAL_QUESTION
 
     defaults = TokenizerConfig()
-    corpus = list(shard_corpus(train, defaults.corpus_samples)) + list(demo_corpus(ATTRIBUTES, [EVAL_QUESTION]))
+    corpus = tokenizer_corpus(train, defaults.corpus_samples)
     tokenizer = build_bpe_tokenizer(corpus, os.path.join(work, "tokenizer"), vocab_size=defaults.vocab_size)
     return tokenizer, defaults.vocab_size
 

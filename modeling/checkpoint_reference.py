@@ -35,7 +35,13 @@ from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-from modeling.base_checkpoint import FUSION_PREFIX, PROJECTOR_PREFIXES, TOWER_PREFIXES, check_llava_fields
+from modeling.base_checkpoint import (
+    FUSION_PREFIX,
+    LLAVA_MODEL_TYPE,
+    PROJECTOR_PREFIXES,
+    TOWER_PREFIXES,
+    check_llava_fields,
+)
 from modeling.checkpoint_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -55,7 +61,6 @@ from modeling.fusion import REFERENCE_NAMES
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODEL_TYPE = "llava_llama"
 NON_LORA_FILE = "non_lora_trainables.bin"
 _PROJECTORS = tuple((ref, ours + ".") for ours, ref in PROJECTOR_PREFIXES.items())
 # Reference tower copies -> our tower module (its `.model` is the transformers/timm ViT).
@@ -114,7 +119,7 @@ def reference_config(ref: dict, base: ModelConfig, source: str) -> ModelConfig:
     llm.rms_norm_eps = ref.get("rms_norm_eps", llm.rms_norm_eps)
     llm.max_position_embeddings = ref.get("max_position_embeddings", llm.max_position_embeddings)
     llm.rope_theta = ref.get("rope_theta", 10000.0)
-    if ref.get("model_type") == REFERENCE_MODEL_TYPE:
+    if ref.get("model_type") == LLAVA_MODEL_TYPE:
         check_llava_fields(ref, cfg, source)
         cfg.clip.select_layer = ref.get("mm_vision_select_layer", cfg.clip.select_layer)
         hidden = ref.get("mm_hidden_size", cfg.clip.hidden_size)
@@ -298,9 +303,9 @@ def import_reference(directory: str | Path, base_config: ModelConfig | None = No
     is_lora = bool(adapter_files) or (d / NON_LORA_FILE).is_file()
     if not is_lora:
         ref = read_json(d / "config.json", "reference model directory")
-        if ref.get("model_type") != REFERENCE_MODEL_TYPE:
+        if ref.get("model_type") != LLAVA_MODEL_TYPE:
             raise CheckpointError(f"{d / 'config.json'}: model_type {ref.get('model_type')!r}, expected "
-                                  f"{REFERENCE_MODEL_TYPE!r}")
+                                  f"{LLAVA_MODEL_TYPE!r}")
         cfg = reference_config(ref, base, str(d))
         tok = tokenizer if tokenizer is not None else _tokenizer_from(d)
         with _init_context(cfg):

@@ -24,7 +24,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from modeling.template import IGNORE_INDEX
+
 # Tokens decoded before a candidate beyond the prefix's own length: room for
 # whitespace runs (each space or newline may be a token of its own).
 _WINDOW_SLACK = 16

@@ -23,10 +23,8 @@ from modeling.config import ConfigError, ModelConfig
 from modeling.fusion import ForgeryAwareFusion
 from modeling.llm import apply_lora, build_llm, causal_lm, llm_dtype
 from modeling.projector import build_projector
+from modeling.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from modeling.vision import ClipTower, DinoTower, torch_dtype
-
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
 
 
 @dataclass

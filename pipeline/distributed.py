@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 # module-level strong reference keeps "ZeRO-3 is on" visible to from_pretrained.
 _HF_DS_CONFIG: Any = None
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 # --------------------------------------------------------------------------- config
 
 def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
@@ -348,16 +345,25 @@ def global_grad_norm(engine) -> float | None:
 # --------------------------------------------------------------------------- partitioned params
 
 def is_partitioned(p: torch.nn.Parameter) -> bool:
+    """The parameter is managed by ZeRO-3 (its data is a local partition, or empty, unless gathered)."""
     return hasattr(p, "ds_id")
 
 
-def partition_numels(module: torch.nn.Module) -> tuple[int, int]:
+def full_numel(p: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 holds only a partition of it."""
+    return p.ds_numel if is_partitioned(p) else p.numel()
+
+
+def partition_numels(module: torch.nn.Module, trainable_only: bool = False) -> tuple[int, int]:
     """(elements this rank stores, elements of the whole model). Under ZeRO-3 a
     rank stores its partition `ds_tensor` of each parameter, plus the whole of
     the "persistent" ones (below stage3_param_persistence_threshold, kept
-    gathered between uses); otherwise everything."""
+    gathered between uses); otherwise everything. `trainable_only`: count only
+    the parameters that require grad (those with optimizer state)."""
     local = total = 0
     for p in module.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         if is_partitioned(p):
             local += p.ds_tensor.numel() + (p.ds_numel if getattr(p, "ds_persist", False) else 0)
             total += p.ds_numel
@@ -399,7 +405,7 @@ def gather_state_dict(module: torch.nn.Module, rank: int, only_trainable: bool =
         while i < len(named) and (not chunk or size < chunk_numel):
             n, p = named[i]
             chunk.append((n, p))
-            size += getattr(p, "ds_numel", p.numel())
+            size += full_numel(p)
             i += 1
         with gathered([p for _, p in chunk]):
             if rank == 0:

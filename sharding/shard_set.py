@@ -20,7 +20,6 @@ How determinism and resumption work:
 """
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import json
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from . import manifest as mf
+from .dir_lock import LOCK_FILE, DirLock, OutputLocked  # noqa: F401 - OutputLocked is re-exported
+from .dir_lock import acquire as acquire_dir_lock
 from .tar_writer import (BLOCK, Rejection, ShardJob, ShardResult, ShardSample, jobs_fingerprint,
                          shard_name, write_shard)
 
@@ -65,10 +66,6 @@ class ShardOptions:
 
 class OptionsMismatch(Exception):
     """OUT_DIR was written by a run with different options."""
-
-
-class OutputLocked(Exception):
-    """Another sharder run holds OUT_DIR."""
 
 
 @dataclass
@@ -218,14 +215,10 @@ def _check_arguments(state: str, arguments: dict[str, Any]) -> None:
     mf.write_atomic(path, mf.dumps(arguments))
 
 
-def _lock(state: str):
-    fh = open(os.path.join(state, "lock"), "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise OutputLocked(f"another sharder run is writing {os.path.dirname(state)}") from None
-    return fh
+def _lock(state: str) -> DirLock:
+    # A lock file naming its holder (dir_lock), not an flock: it also holds across the
+    # nodes of a shared file system, and a killed run's lock is taken over with a warning.
+    return acquire_dir_lock(os.path.join(state, LOCK_FILE), "sharder")
 
 
 def write_shard_sets(sets: dict[str, SetSpec], out_root: str, opts: ShardOptions,
@@ -278,7 +271,7 @@ def write_shard_sets(sets: dict[str, SetSpec], out_root: str, opts: ShardOptions
             mf.write_manifest(os.path.join(out_root, set_name), m, opts.fsync)
             manifests[set_name] = m
     finally:
-        lock.close()
+        lock.release()
     return RunSummary(manifests, time.perf_counter() - t0, len(todo), reused)
 
 

@@ -42,8 +42,11 @@ class _ShardReader:
         self._members = iter(self._tar)
         self._group = -1
         self._prefix: str | None = None
-        # First member of the next sample, read while finding where a sample ends.
-        self._look: tuple[int, str, str, bytes] | None = None
+        # First member of the next sample, met while finding where a sample ends. Its
+        # bytes are read only when that sample is asked for: a damaged member then
+        # costs its own sample, not the complete one before it, and a skipped
+        # sample's first member is never read.
+        self._look: tuple[int, str, str, tarfile.TarInfo] | None = None
 
     def read(self, index: int) -> tuple[str, dict[str, bytes]]:
         """Members of sample `index` (indices must increase between calls)."""
@@ -52,10 +55,10 @@ class _ShardReader:
         key: str | None = None
         sample: dict[str, bytes] = {}
         if self._look is not None:
-            group, prefix, ext, data = self._look
+            group, prefix, ext, member = self._look
             self._look = None
             if group == index:
-                key, sample[ext] = prefix, data
+                key, sample[ext] = prefix, self._tar.extractfile(member).read()
         for member in self._members:
             if not member.isfile():
                 continue
@@ -67,12 +70,11 @@ class _ShardReader:
                 self._prefix = prefix
             if self._group < index:
                 continue
-            data = self._tar.extractfile(member).read()
             if self._group > index:
-                self._look = (self._group, prefix, ext, data)
+                self._look = (self._group, prefix, ext, member)
                 break
             key = prefix
-            sample[ext] = data
+            sample[ext] = self._tar.extractfile(member).read()
         if key is None:
             raise EOFError(
                 f"{self.url} holds only {self._group + 1} samples but sample {index} was "

@@ -16,15 +16,28 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from modeling.template import IGNORE_INDEX
 from sharding.schema import IMAGE_EXTENSIONS
 
 from .reader import RawSample
 
-IGNORE_INDEX = -100
-
 
 class BadSample(Exception):
     """A sample that cannot be trained on; the message is the reason."""
+
+
+# What a malformed sample makes each step raise; only these become a BadSample,
+# anything else (TypeError, AttributeError, ...) is a bug and ends the run.
+# The template (modeling.template) refuses an unusable text with ValueError
+# (PromptTooLongError is one).
+TEMPLATE_ERRORS = (ValueError,)
+# PIL reports an unidentifiable, truncated or corrupt file as OSError
+# (UnidentifiedImageError is one), a broken chunk as SyntaxError, a stream cut
+# short as EOFError, bad header values as ValueError, and a too-large image as
+# DecompressionBombError (an Exception of its own).
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+# The image processor on a decoded image: a mode or size it cannot convert.
+IMAGE_PROCESS_ERRORS = (OSError, ValueError)
 
 
 @dataclass
@@ -121,7 +134,7 @@ def prepare_text(raw: RawSample, *, tokenizer, build_example: Callable, seed: in
             ex = build_example(tokenizer, question, answer, max_length=max_length)
         else:
             ex = build_example(tokenizer, question, answer)
-    except Exception as e:  # noqa: BLE001 - PromptTooLongError included
+    except TEMPLATE_ERRORS as e:
         raise BadSample(f"template failed: {type(e).__name__}: {e}") from None
     if len(ex.input_ids) != len(ex.labels):
         raise BadSample(f"template gave {len(ex.input_ids)} ids but {len(ex.labels)} labels")
@@ -149,11 +162,11 @@ def preprocess(raw: RawSample, *, tokenizer, image_processor, build_example: Cal
     try:
         image = Image.open(io.BytesIO(raw.members[image_ext[0]]))
         image.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+    except IMAGE_DECODE_ERRORS as e:
         raise BadSample(f"undecodable image .{image_ext[0]}: {type(e).__name__}: {e}") from None
     try:
         pixel_values = image_processor(image)
-    except Exception as e:  # noqa: BLE001
+    except IMAGE_PROCESS_ERRORS as e:
         raise BadSample(f"image processor failed: {type(e).__name__}: {e}") from None
     ex = text.example
     return Example(raw.key, raw.shard, pixel_values, list(ex.input_ids), list(ex.labels),

@@ -24,12 +24,14 @@ folder as `checkpoint.resume`: its source's marker is checked and DeepSpeed's
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -252,12 +254,144 @@ def prune(ckpt_dir: str, keep_last: int) -> list[str]:
     return removed
 
 
+# --------------------------------------------------------------------------- metrics history
+
+def drop_metrics_after(path: str, step: int) -> int:
+    """Remove the records of `path` (metrics.jsonl) past `step`, atomically; returns
+    how many were dropped. After a resume from the checkpoint of `step`, the steps
+    the killed run logged after it are trained again, and would otherwise appear
+    twice. A line that is not JSON (a write cut by the kill) is dropped too."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = int(record.get("step", 0)) <= step
+            except (ValueError, TypeError, AttributeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        log.info("%s: dropped %d records past step %d (trained again after the resume)", path, dropped, step)
+    return dropped
+
+
+# --------------------------------------------------------------------------- free space
+
+# Bytes per trainable element in the optimizer-state files: the fp32 master copy
+# plus AdamW's two fp32 moments (DeepSpeed's ZeRO partitions them, one file per rank).
+OPTIMIZER_BYTES_PER_TRAINABLE = 12
+# Headers, client state, pickled metadata per rank file (measured: well under 1 MiB on the tiny model).
+PER_RANK_OVERHEAD_BYTES = 1 << 20
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint does not fit, or a save failed, on the checkpoint folder's file system."""
+
+
+def checkpoint_bytes(ckpt_dir: str, tag: str) -> int | None:
+    """Size of a complete checkpoint as its marker lists it (None: no readable marker)."""
+    try:
+        with open(os.path.join(ckpt_dir, tag, COMPLETE), encoding="utf-8") as f:
+            return int(sum(json.load(f)["files"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def estimate_checkpoint_bytes(local_numels: list[int], trainable_numels: list[int], param_bytes: int,
+                              ckpt_dir: str | None = None) -> int:
+    """Bytes one checkpoint of this run takes, summed over the ranks.
+
+    Once the folder holds a complete checkpoint, its size (from the marker) is
+    the estimate: the next one has the same tensors. Before that: each rank's
+    partition of the parameters at `param_bytes` each, plus for its trainable
+    ones the fp32 master copy and the two AdamW moments, plus a per-file overhead."""
+    newest = newest_complete(ckpt_dir) if ckpt_dir else None
+    measured = checkpoint_bytes(ckpt_dir, newest) if newest else None
+    if measured:
+        return measured
+    return sum(n * param_bytes + t * OPTIMIZER_BYTES_PER_TRAINABLE + PER_RANK_OVERHEAD_BYTES
+               for n, t in zip(local_numels, trainable_numels))
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes (for this user) of the file system `path` is or will be on."""
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return shutil.disk_usage(path).free
+
+
+def space_problem(ckpt_dir: str, estimate: int, margin: float) -> str | None:
+    """Why a checkpoint of `estimate` bytes cannot be saved into `ckpt_dir`, or None."""
+    if margin <= 0:
+        return None
+    free = free_bytes(ckpt_dir)
+    needed = int(estimate * margin)
+    if needed <= free:
+        return None
+    return (f"a checkpoint of this run needs about {_mib(estimate)} ({_mib(needed)} with "
+            f"checkpoint.space_margin={margin:g}) but the file system of {ckpt_dir} has {_mib(free)} free")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def check_space_everywhere(ckpt_dir: str, estimate: int, margin: float, is_main: bool) -> None:
+    """All ranks: rank 0 looks at the free space, every rank raises the same
+    CheckpointSpaceError when the save cannot fit (a save refused on one rank
+    only would leave the others waiting in its collectives)."""
+    problem = space_problem(ckpt_dir, estimate, margin) if is_main else None
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise CheckpointSpaceError(errno.ENOSPC, f"refusing to start the checkpoint save: {problem}; free "
+                                   f"space, point checkpoint.dir elsewhere or lower checkpoint.keep_last "
+                                   f"(older checkpoints are kept until a new one is complete)")
+
+
+def _save_failure(exc: BaseException, path: str, estimate: int | None) -> CheckpointSpaceError:
+    """The error of a failed save, naming the path, the free space and ENOSPC when
+    the disk is the likely cause: torch's zip writer reports a short write only as
+    `[enforce fail at inline_container.cc] . unexpected pos N vs M` (PyTorch's
+    caffe2/serialize/inline_container.cc), without the OS error."""
+    free = free_bytes(path)
+    text = str(exc)
+    space = (getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text
+             or "file write failed" in text or (estimate is not None and free < estimate))
+    cause = "No space left on device (ENOSPC)" if space else f"{type(exc).__name__}"
+    return CheckpointSpaceError(errno.ENOSPC if space else errno.EIO,
+                                f"saving checkpoint {path} failed: {cause}; {_mib(free)} free on its file "
+                                f"system now; the newest complete checkpoint is untouched (no pruning "
+                                f"happened). Error: {text[:500]}")
+
+
 def save_checkpoint(engine, ckpt_dir: str, state: TrainState, config: dict, keep_last: int,
-                    is_main: bool) -> str:
-    """All ranks: a DeepSpeed checkpoint of the current step, then the marker."""
+                    is_main: bool, estimate: int | None = None, space_margin: float = 0.0) -> str:
+    """All ranks: a DeepSpeed checkpoint of the current step, then the marker, then
+    (rank 0) the pruning of older tags, which therefore never runs before the new
+    checkpoint is complete. `estimate`: its size in bytes, checked against the free
+    space first (`space_margin` > 0)."""
     tag = tag_for(state.global_step)
     t0 = time.monotonic()
-    dist.save_engine_checkpoint(engine, ckpt_dir, tag, state.to_client_state(config))
+    if estimate is not None and space_margin > 0:
+        check_space_everywhere(ckpt_dir, estimate, space_margin, is_main)
+    try:
+        dist.save_engine_checkpoint(engine, ckpt_dir, tag, state.to_client_state(config))
+    except (OSError, RuntimeError) as e:
+        raise _save_failure(e, os.path.join(ckpt_dir, tag), estimate) from e
     # DeepSpeed's save ends with a barrier, but its last file writes may be
     # asynchronous in other checkpoint engines: one more barrier after they return.
     dist.barrier()
@@ -291,14 +425,17 @@ def restore_train_state(engine, ckpt_dir: str, tag: str) -> TrainState:
 
 # --------------------------------------------------------------------------- final export
 
-def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int) -> dict[str, str]:
+def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int,
+                 card: Mapping | str | None = None) -> dict[str, str]:
     """Every rank: gather the ZeRO-3 partitions; rank 0 writes
 
       <out_dir>/trainable/   LoRA adapter + the non-LoRA trainables (modeling.checkpoint.save_trainable)
       <out_dir>/merged/      the merged model directory (modeling.checkpoint.export_merged)
 
     `build_plain_model()` makes an unpartitioned model of the same architecture
-    on rank 0, into which the gathered full state dict is loaded.
+    on rank 0, into which the gathered full state dict is loaded. `card`: the
+    training section of both folders' README.md (the run's config dict, or
+    markdown; modeling.model_card).
     """
     from modeling.checkpoint import export_merged, save_trainable
 
@@ -315,7 +452,7 @@ def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int) -
         for p in paths.values():
             if os.path.isdir(p):
                 shutil.rmtree(p)
-        save_trainable(plain, paths["trainable"])
-        export_merged(plain, tokenizer, paths["merged"])
+        save_trainable(plain, paths["trainable"], training=card)
+        export_merged(plain, tokenizer, paths["merged"], training=card)
     dist.barrier()
     return paths

@@ -36,7 +36,6 @@ from pipeline.training.config_sections import (  # noqa: F401
     OptimConfig,
     OutputLockConfig,
     PerfConfig,
-    PreemptionConfig,
     LoopConfig,
     TokenizerConfig,
     TrainConfigError,
@@ -76,8 +75,6 @@ class TrainConfig:
     """Start-up and per-step checks that the CPM finds its position."""
     perf: PerfConfig = field(default_factory=PerfConfig)
     """Peak FLOP/s of a device, for the model FLOPs utilisation (perf/mfu)."""
-    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
-    """Stopping with a checkpoint on a signal, a stop file or a lost launcher (exit status 75)."""
     output_lock: OutputLockConfig = field(default_factory=OutputLockConfig)
     """One run per output_dir (<output_dir>/run.lock)."""
     nonfinite: Literal["stop", "skip"] = "stop"
@@ -212,8 +209,6 @@ def _check_train(c: TrainConfig) -> None:
         bad("checkpoint.keep_last", f"must be >= 1, got {k.keep_last}")
     if k.resume not in (None, "auto") and not os.path.isdir(k.resume):
         bad("checkpoint.resume", f"must be 'auto', null or an existing checkpoint folder; {k.resume} is none")
-    if not (c.preemption.grace_s > 0 and math.isfinite(c.preemption.grace_s)):
-        bad("preemption.grace_s", f"must be a finite number of seconds > 0, got {c.preemption.grace_s}")
     if c.output_lock.refresh_s <= 0 or c.output_lock.stale_after_s <= 2 * c.output_lock.refresh_s:
         bad("output_lock.stale_after_s", f"must exceed 2 x output_lock.refresh_s (> 0); got "
             f"{c.output_lock.stale_after_s} and {c.output_lock.refresh_s}")

@@ -162,37 +162,6 @@ class PerfConfig:
 
 
 @dataclass
-class PreemptionConfig:
-    """Stopping on request with a checkpoint (pipeline/training/preemption.py).
-
-    SIGTERM and SIGINT always ask for it; so do `signal`, the stop file and (with
-    watch_launcher) the death of the launcher that started the ranks. Every rank
-    then finishes its current optimizer step, all agree on the stop at the same
-    step (one flag all-reduced per step), write a complete checkpoint and exit
-    with status 75 (EX_TEMPFAIL: preempted, resumable with checkpoint.resume=auto)."""
-
-    signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = "SIGUSR1"
-    """A further signal that asks for the stop, besides SIGTERM and SIGINT: the
-    advance warning of a scheduler (SLURM's --signal=USR1@120)."""
-    grace_s: float = 110.0
-    """Seconds from the stop request to the end of the checkpoint; a rank still
-    busy then exits with status 75 regardless (the newest complete checkpoint is
-    then an older one). Keep it below what the scheduler grants (SLURM: the @time
-    of --signal; DeepSpeed's node launcher SIGKILLs ranks 30 s after it forwards a
-    SIGTERM, which bounds the launcher and process-group paths whatever this says)."""
-    stop_file: str | None = "STOP"
-    """A file (relative to output_dir, or absolute) whose appearance asks for the
-    stop; global rank 0 looks for it after every step. It works across nodes on a
-    shared file system (launch/slurm.example.sh touches it on USR1). One left by an
-    earlier run is removed at start. null: no stop file."""
-    watch_launcher: bool = True
-    """Stop when the launcher that started this rank is gone: its parent (DeepSpeed's
-    node launcher, torchrun) exited, or the node launcher's own parent (the
-    `deepspeed` command) did. Polled once a second in a thread; only for ranks
-    started by a launcher (LOCAL_RANK set), never for a plain `python launch/train.py`."""
-
-
-@dataclass
 class OutputLockConfig:
     """One run per output_dir: global rank 0 holds <output_dir>/run.lock (sharding/dir_lock.py)."""
 

@@ -24,10 +24,10 @@ Throughput metrics of a step (perf/*), besides samples and tokens per second:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -38,16 +38,56 @@ import torch
 from modeling.flops import PEAK_TFLOPS, StepFlops
 from modeling.flops import peak_tflops as peak_tflops_for
 from pipeline import distributed as dist
+from pipeline.data.plan import seeded_rng
 from pipeline.training.checkpointing import TrainState
 
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "labels", "forgery_labels")
-# Layout of the per-micro-batch all-reduced statistics. _TOKENS: real LLM
-# positions (sum of L_i), _TOKENS_SQ: sum of L_i^2 (attention FLOPs),
-# _POSITIONS: LLM positions with padding, _WAIT: seconds waiting for the loader.
-_NUM_STATS = 12
-_LOSS, _LM, _CPM, _CORRECT, _N, _TOKENS, _BAD, _NONFINITE, _FOUND, _TOKENS_SQ, _POSITIONS, _WAIT = range(_NUM_STATS)
+
+
+@dataclass
+class MicroStats:
+    """Statistics of one micro-batch on one rank, or their sum over ranks and
+    micro-batches: every field is a sum. They cross ranks as one float64 tensor
+    (fields in declaration order), so a single all-reduce carries all of them,
+    the non-finite flag included."""
+
+    loss: float = 0.0
+    """The micro-batch's loss (0 when it is not finite: a NaN would poison the sum of every rank)."""
+    lm_loss: float = 0.0
+    """Its language-model part (0 when the loss is not finite)."""
+    cpm_loss: float = 0.0
+    """Its CPM part (0 when the loss is not finite)."""
+    cpm_correct: float = 0.0
+    """Samples whose CPM decision was right."""
+    cpm_found: float = 0.0
+    """Samples whose answer has a CPM position."""
+    samples: float = 0.0
+    """Samples of the micro-batch."""
+    tokens: float = 0.0
+    """Real LLM positions, the sum of L_i (text tokens plus the image tokens of the placeholder)."""
+    tokens_sq: float = 0.0
+    """Sum of L_i^2 (the attention FLOPs)."""
+    positions: float = 0.0
+    """LLM positions including the padding."""
+    bad_samples: float = 0.0
+    """Samples the loader dropped while building the batch."""
+    nonfinite: float = 0.0
+    """Ranks whose loss was not finite (0 or 1 on one rank)."""
+    data_wait_s: float = 0.0
+    """Seconds spent waiting for the loader to yield the batch."""
+
+    def to_tensor(self, device: torch.device | None = None) -> torch.Tensor:
+        """The fields as one tensor; `device`: where the collective wants it (NCCL: the GPU)."""
+        return torch.tensor(dataclasses.astuple(self), dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "MicroStats":
+        return cls(*t.tolist())
+
+    def __add__(self, other: "MicroStats") -> "MicroStats":
+        return MicroStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,7 +118,7 @@ class CpmWatch:
         if not self.enabled:
             return
         self.steps += 1
-        if acc.sums[_FOUND] > 0:
+        if acc.sums.cpm_found > 0:
             self.found_any = True
             return
         keys = dist.all_gather_objects(list(acc.keys))
@@ -98,7 +138,7 @@ class CpmWatch:
 class StepAccumulator:
     """Global sums over the micro-batches of one optimizer step."""
 
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(_NUM_STATS, dtype=torch.float64))
+    sums: MicroStats = field(default_factory=MicroStats)
     micro: int = 0
     keys: list = field(default_factory=list)
     """This rank's sample keys of the step (named when the step has no CPM position)."""
@@ -106,15 +146,35 @@ class StepAccumulator:
     lrs: list[float] = field(default_factory=list)
     """Learning rates the step's update used (read before the scheduler advances)."""
 
-    def add(self, stats: torch.Tensor, keys=()) -> None:
-        self.sums += stats
+    def add(self, stats: MicroStats, keys=()) -> None:
+        self.sums = self.sums + stats
         self.micro += 1
         self.keys.extend(keys)
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """Seed of the dropout masks of one micro-batch (resume-invariant)."""
-    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
+    """Seed of the dropout masks of one micro-batch: a function of (seed, rank,
+    optimizer step, micro-batch index) only, so a resumed run draws the masks of
+    an uninterrupted one.
+
+    It is the XOR of two stable hashes made the way the data plan makes its
+    seeds (pipeline.data.plan.seeded_rng): one of the rank, one of the position
+    (step, micro). Two positions then share a seed only by a 63-bit hash
+    coincidence (about n^2 / 2^64 among n seeds), never by arithmetic, as a
+    linear mix of constants did. The split also lets a test check the seeds of
+    every rank at every step at once (rank_seed_part x position_seed_part).
+    """
+    return rank_seed_part(seed, rank) ^ position_seed_part(seed, step, micro)
+
+
+def rank_seed_part(seed: int, rank: int) -> int:
+    """The rank's half of step_seed (63 bits)."""
+    return seeded_rng("dropout-rank", seed, rank).getrandbits(63)
+
+
+def position_seed_part(seed: int, step: int, micro: int) -> int:
+    """The (step, micro-batch) half of step_seed (63 bits), shared by all ranks."""
+    return seeded_rng("dropout-position", seed, step, micro).getrandbits(63)
 
 
 def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -126,41 +186,34 @@ def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[
     return out
 
 
-def micro_stats(out: Any, batch: dict, world_size: int, image_tokens: int,
-                data_wait_s: float = 0.0) -> torch.Tensor:
+def _output_sum(out: Any, name: str) -> float:
+    """Sum of the model output's field `name` (0 when the model does not return it)."""
+    v = getattr(out, name, None)
+    return 0.0 if v is None else float(v.detach().double().sum())
+
+
+def micro_stats(out: Any, batch: dict, image_tokens: int, data_wait_s: float = 0.0) -> MicroStats:
     """This rank's statistics of one micro-batch (all-reduced by the caller);
     data_wait_s: how long this rank waited for the loader to yield it."""
-    s = torch.zeros(_NUM_STATS, dtype=torch.float64)
     loss = out.loss.detach().float()
     finite = bool(torch.isfinite(loss))
-    s[_NONFINITE] = 0.0 if finite else 1.0
-    # Non-finite values would poison the sums of every rank; the flag carries the news.
-    s[_LOSS] = loss.item() if finite else 0.0
-    for idx, name in ((_LM, "lm_loss"), (_CPM, "cpm_loss")):
-        v = getattr(out, name, None)
-        if v is not None and finite:
-            s[idx] = float(v.detach().float())
-    correct = getattr(out, "cpm_correct", None)
-    if correct is not None:
-        s[_CORRECT] = float(correct.detach().float().sum())
-    found = getattr(out, "cpm_found", None)
-    if found is not None:
-        s[_FOUND] = float(found.detach().float().sum())
-    n = batch["input_ids"].shape[0]
-    s[_N] = n
+    n, width = batch["input_ids"].shape
     # LLM positions: text tokens plus the image tokens that replace the placeholder.
     lengths = batch["attention_mask"].sum(dim=1).double() + (image_tokens - 1)
-    s[_TOKENS] = float(lengths.sum())
-    s[_TOKENS_SQ] = float((lengths * lengths).sum())
-    s[_POSITIONS] = float(n * (batch["input_ids"].shape[1] + image_tokens - 1))
-    s[_WAIT] = data_wait_s
-    s[_BAD] = float(batch.get("bad_samples", 0) or 0)
-    return s
+    # Non-finite values would poison the sums of every rank; the flag carries the news.
+    return MicroStats(loss=loss.item() if finite else 0.0,
+                      lm_loss=_output_sum(out, "lm_loss") if finite else 0.0,
+                      cpm_loss=_output_sum(out, "cpm_loss") if finite else 0.0,
+                      cpm_correct=_output_sum(out, "cpm_correct"), cpm_found=_output_sum(out, "cpm_found"),
+                      samples=float(n), tokens=float(lengths.sum()), tokens_sq=float((lengths * lengths).sum()),
+                      positions=float(n * (width + image_tokens - 1)),
+                      bad_samples=float(batch.get("bad_samples", 0) or 0), nonfinite=0.0 if finite else 1.0,
+                      data_wait_s=data_wait_s)
 
 
 def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulator, *, rank: int,
-                      world_size: int, seed: int, policy: str, dtype: torch.dtype,
-                      image_tokens: int, data_wait_s: float = 0.0) -> bool:
+                      seed: int, policy: str, dtype: torch.dtype, image_tokens: int,
+                      data_wait_s: float = 0.0) -> bool:
     """One micro-batch. Returns True when it completed an optimizer step.
 
     The finite check is agreed on by all ranks (one all-reduce that also
@@ -169,12 +222,13 @@ def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulat
     """
     torch.manual_seed(step_seed(seed, rank, state.global_step, acc.micro))
     out = engine(**model_inputs(batch, dist.device(), dtype))
-    stats = dist.all_reduce_sum(micro_stats(out, batch, world_size, image_tokens, data_wait_s))
-    if stats[_NONFINITE] > 0:
+    mine = micro_stats(out, batch, image_tokens, data_wait_s)
+    stats = MicroStats.from_tensor(dist.all_reduce_sum(mine.to_tensor(dist.device())))
+    if stats.nonfinite > 0:
         keys = dist.all_gather_objects(list(batch.get("keys", [])))
         where = (f"non-finite loss at optimizer step {state.global_step + 1} (micro-batch {acc.micro}, "
                  f"epoch {state.epoch}, batch {state.batch_in_epoch - 1} of the epoch) on "
-                 f"{int(stats[_NONFINITE])} rank(s); batch keys per rank: {keys}")
+                 f"{int(stats.nonfinite)} rank(s); batch keys per rank: {keys}")
         if policy == "stop":
             raise NonFiniteLossError(where)
         log.warning("skipping micro-batch: %s", where)
@@ -187,7 +241,7 @@ def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulat
     engine.backward(out.loss)
     engine.step()
     acc.add(stats, batch.get("keys", ()))
-    state.samples_seen += int(stats[_N])
+    state.samples_seen += int(stats.samples)
     return boundary
 
 
@@ -206,25 +260,25 @@ def step_metrics(engine, acc: StepAccumulator, state: TrainState, batches_per_ep
     ranks_micro = max(acc.micro * world_size, 1)
     lrs = acc.lrs or dist.current_lrs(engine)
     m = {
-        "train/loss": s[_LOSS].item() / ranks_micro,
-        "train/lm_loss": s[_LM].item() / ranks_micro,
-        "train/cpm_loss": s[_CPM].item() / ranks_micro,
-        "train/cpm_acc": s[_CORRECT].item() / max(s[_N].item(), 1),
+        "train/loss": s.loss / ranks_micro,
+        "train/lm_loss": s.lm_loss / ranks_micro,
+        "train/cpm_loss": s.cpm_loss / ranks_micro,
+        "train/cpm_acc": s.cpm_correct / max(s.samples, 1),
         # Share of samples whose answer has a CPM position (the rest add no CPM loss).
-        "train/cpm_found_frac": s[_FOUND].item() / max(s[_N].item(), 1),
+        "train/cpm_found_frac": s.cpm_found / max(s.samples, 1),
         "train/lr": lrs[0],
         "train/epoch": state.epoch + state.batch_in_epoch / max(batches_per_epoch, 1),
         "train/samples_seen": float(state.samples_seen),
-        "train/bad_samples": s[_BAD].item(),
+        "train/bad_samples": s.bad_samples,
         "train/skipped_batches": float(state.skipped_batches),
-        "perf/samples_per_s": s[_N].item() / elapsed,
-        "perf/tokens_per_s": s[_TOKENS].item() / elapsed,
+        "perf/samples_per_s": s.samples / elapsed,
+        "perf/tokens_per_s": s.tokens / elapsed,
         "perf/step_time_s": elapsed,
-        "perf/padding_frac": 1.0 - s[_TOKENS].item() / max(s[_POSITIONS].item(), 1.0),
-        "perf/data_wait_frac": s[_WAIT].item() / world_size / elapsed,
+        "perf/padding_frac": 1.0 - s.tokens / max(s.positions, 1.0),
+        "perf/data_wait_frac": s.data_wait_s / world_size / elapsed,
     }
     if flops is not None:
-        per_rank = flops.train_flops(s[_N].item(), s[_TOKENS].item(), s[_TOKENS_SQ].item()) / world_size / elapsed
+        per_rank = flops.train_flops(s.samples, s.tokens, s.tokens_sq) / world_size / elapsed
         m["perf/model_tflops_per_s"] = per_rank / 1e12
         if peak_flops:
             m["perf/mfu"] = per_rank / peak_flops
@@ -252,8 +306,7 @@ def memory_metrics() -> dict[str, float]:
     return out
 
 
-def log_step(metrics: dict[str, float], step: int, total: int, tracker, metrics_file: str | None,
-             progress) -> None:
+def log_step(metrics: dict[str, float], step: int, tracker, metrics_file: str | None, progress) -> None:
     """Rank 0: W&B, the metrics.jsonl next to the run, and the progress bar."""
     tracker.log(metrics, step=step)
     if metrics_file is not None:
@@ -317,8 +370,8 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
         opened = time.perf_counter()
         for wait, batch in timed(ctx.make_loader(state.epoch, state.batch_in_epoch), opened):
             state.batch_in_epoch += 1
-            stepped = train_micro_batch(engine, batch, state, acc, rank=ctx.rank, world_size=ctx.world_size,
-                                        seed=ctx.seed, policy=ctx.nonfinite, dtype=ctx.dtype,
+            stepped = train_micro_batch(engine, batch, state, acc, rank=ctx.rank, seed=ctx.seed,
+                                        policy=ctx.nonfinite, dtype=ctx.dtype,
                                         image_tokens=ctx.image_tokens, data_wait_s=wait)
             if not stepped:
                 continue
@@ -329,8 +382,7 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
                 metrics = step_metrics(engine, acc, state, ctx.batches_per_epoch, ctx.world_size,
                                        flops=ctx.flops, peak_flops=ctx.peak_flops)
                 if ctx.rank == 0:
-                    log_step(metrics, state.global_step, ctx.total_steps, ctx.tracker, ctx.metrics_file,
-                             ctx.progress)
+                    log_step(metrics, state.global_step, ctx.tracker, ctx.metrics_file, ctx.progress)
                     check_metrics(metrics, state.global_step)
             elif ctx.progress is not None:
                 ctx.progress.update(1)
@@ -375,8 +427,3 @@ def check_metrics(metrics: dict[str, float], step: int) -> None:
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         log.warning("step %d: non-finite metrics %s", step, bad)
-
-
-def rank_file(path: str, rank: int) -> str:
-    root, ext = os.path.splitext(path)
-    return f"{root}.rank{rank}{ext}"

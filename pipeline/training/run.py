@@ -5,17 +5,16 @@ engine, resume, tracking, the loop, the final checkpoint and the export.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
 import os
-import tarfile
 import time
 
 import torch
 import yaml
 
+from modeling.vision import torch_dtype
 from pipeline import distributed as dist
 from pipeline.training.config import TrainConfig
 from pipeline.training import checkpointing as ckpt
@@ -27,61 +26,6 @@ log = logging.getLogger("pipeline.training")
 
 # --------------------------------------------------------------------------- tokenizer
 
-# What a damaged shard raises while being read: a truncated or corrupt tar, an
-# I/O error, a member cut short, or metadata that is not valid (UTF-8) JSON.
-_SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
-
-
-def _conversation_texts(meta, roles: tuple[str, ...] | None = None) -> list[str]:
-    convs = meta.get("conversations") if isinstance(meta, dict) else None
-    return [str(turn.get("value", "")).replace("<image>", "")
-            for conv in (convs if isinstance(convs, list) else []) if isinstance(conv, list)
-            for turn in conv if isinstance(turn, dict) and (roles is None or turn.get("from") in roles)]
-
-
-def shard_corpus(train_shards: str, limit: int, roles: tuple[str, ...] | None = None,
-                 purpose: str = "the tokenizer is built from data.train_shards (tokenizer.path is null)",
-                 remedy: str = "set tokenizer.path"):
-    """Question and answer texts (`roles`: only the turns of these speakers, e.g.
-    ("gpt",)) of the first `limit` samples of the training shards.
-
-    A shard that cannot be read to its end (truncated, corrupt) contributes the
-    samples before the damage; the rest of it is skipped with a warning naming
-    it, and reading goes on with the next shard. Only when no sample at all
-    could be read does this raise, naming the shards and their errors.
-    """
-    if os.path.isdir(train_shards):
-        paths = sorted(glob.glob(os.path.join(train_shards, "*.tar")))
-    elif "{" in train_shards or train_shards.endswith(".tar"):  # expanded the way the data stream expands it
-        from pipeline.data.shards import expand_urls
-
-        paths = list(expand_urls(train_shards))
-    else:
-        paths = []
-    if not paths:
-        raise FileNotFoundError(f"{purpose}, but {train_shards} holds no *.tar shard; {remedy}")
-    n = 0
-    skipped: list[str] = []
-    for path in paths:
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if not (member.isfile() and member.name.endswith(".json")):
-                        continue
-                    yield from _conversation_texts(json.loads(tar.extractfile(member).read()), roles)
-                    n += 1
-                    if n >= limit:
-                        return
-        except _SHARD_READ_ERRORS as e:
-            reason = f"{type(e).__name__}: {e}"
-            log.warning("reading the training shards: skipped the rest of %s: %s", path, reason)
-            skipped.append(f"{path} ({reason})")
-    if n == 0:
-        raise ValueError(f"{purpose}, but no sample of {train_shards} could be read"
-                         + (f"; unreadable: {'; '.join(skipped)}" if skipped else " (the shards hold no .json member)")
-                         + f"; {remedy} or repair the shards")
-
-
 def resolve_cpm_prefix(cfg: TrainConfig, info: dist.DistInfo) -> str:
     """The conclusion prefix the CPM trains on, decided on rank 0 and broadcast.
 
@@ -92,6 +36,7 @@ def resolve_cpm_prefix(cfg: TrainConfig, info: dist.DistInfo) -> str:
     none of them is an error, since the CPM would never find its position.
     """
     from modeling.cpm import prefix_spellings
+    from pipeline.data.corpus import shard_corpus
 
     c = cfg.model.cpm
     decision: tuple[str | None, str | None] = (None, None)
@@ -100,7 +45,7 @@ def resolve_cpm_prefix(cfg: TrainConfig, info: dist.DistInfo) -> str:
         try:
             answers = list(shard_corpus(cfg.data.train_shards, cfg.cpm_check.prefix_samples, roles=("gpt",),
                                         purpose="model.cpm.answer_prefix is checked against the training answers",
-                                        remedy="check data.train_shards"))
+                                        remedy="check data.train_shards", sizes_file=cfg.data.sizes_file))
             counts = prefix_spellings(answers, wanted)
             if not counts:
                 decision = (None, f"none of the first {len(answers)} training answers of {cfg.data.train_shards} "
@@ -138,11 +83,10 @@ def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
     if path is None:
         path = os.path.join(cfg.output_dir, "tokenizer")
         if info.is_main and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from modeling.tokenizer import build_bpe_tokenizer, demo_corpus
-            from sharding.schema import ATTRIBUTES, EVAL_QUESTION
+            from modeling.tokenizer import build_bpe_tokenizer
+            from pipeline.data.corpus import tokenizer_corpus
 
-            corpus = list(shard_corpus(cfg.data.train_shards, cfg.tokenizer.corpus_samples))
-            corpus += list(demo_corpus(ATTRIBUTES, [EVAL_QUESTION]))
+            corpus = tokenizer_corpus(cfg.data.train_shards, cfg.tokenizer.corpus_samples, cfg.data.sizes_file)
             build_bpe_tokenizer(corpus, path + ".tmp", vocab_size=cfg.tokenizer.vocab_size,
                                 model_max_length=cfg.data.max_length)
             os.replace(path + ".tmp", path)
@@ -175,7 +119,7 @@ def total_optimizer_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.floor(cfg.loop.epochs * batches_per_epoch / cfg.loop.grad_accum))
 
 
-def write_run_files(cfg: TrainConfig, ds_config: dict, info: dist.DistInfo) -> None:
+def write_run_files(cfg: TrainConfig, ds_config: dict) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -201,8 +145,42 @@ def resolve_resume_everywhere(cfg: TrainConfig, info: dist.DistInfo) -> ckpt.Res
     return point
 
 
+class RunLocked(SystemExit):
+    """Another live run holds output_dir (exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def take_output_lock(cfg: TrainConfig, info: dist.DistInfo):
+    """Rank 0 takes <output_dir>/run.lock (sharding/dir_lock.py); when another live
+    run holds it, every rank raises RunLocked (exit status 2), rank 0 naming the holder."""
+    from sharding.dir_lock import LOCK_FILE, OutputLocked, acquire
+
+    lock, error = None, None
+    if info.is_main and cfg.output_lock.enabled:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        try:
+            lock = acquire(os.path.join(cfg.output_dir, LOCK_FILE), "training", refresh_s=cfg.output_lock.refresh_s,
+                           stale_after_s=cfg.output_lock.stale_after_s)
+        except OutputLocked as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        if info.is_main:
+            log.error("%s", error)
+        raise RunLocked(error)
+    return lock
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run training on every rank; returns a summary (rank 0's is complete)."""
+    """Run training on every rank; returns a summary (rank 0's is complete).
+
+    Raises RunLocked (exit status 2) when another run holds output_dir."""
     t_start = time.monotonic()
     info = dist.init_distributed(cfg.distributed_timeout_s)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
@@ -210,6 +188,15 @@ def train(cfg: TrainConfig) -> dict:
     # WARNING, so that every rank's log places it in the job (non-main ranks log
     # warnings only): node, host and pid per global rank.
     log.warning("%s", dist.rank_banner(info))
+    lock = take_output_lock(cfg, info)
+    try:
+        return _train(cfg, info, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
     from pipeline.data import batches_per_epoch, make_train_loader, stream_identity
     from modeling.image_processing import ImageProcessor
 
@@ -221,7 +208,7 @@ def train(cfg: TrainConfig) -> dict:
     # files, checkpoints and export all carry the prefix trained on.
     cfg.model.cpm.answer_prefix = resolve_cpm_prefix(cfg, info)
     if info.is_main:
-        write_run_files(cfg, ds_config, info)
+        write_run_files(cfg, ds_config)
     tokenizer = prepare_tokenizer(cfg, info)
 
     with dist.model_construction(ds_config):
@@ -236,14 +223,19 @@ def train(cfg: TrainConfig) -> dict:
 
     local, whole = dist.partition_numels(engine.module)
     per_rank = dist.all_gather_objects(local)
+    trainable_per_rank = dist.all_gather_objects(dist.partition_numels(engine.module, trainable_only=True)[0])
+    param_bytes = torch.tensor([], dtype=torch_dtype(cfg.model.dtype)).element_size()
+
+    def checkpoint_estimate() -> int:
+        return ckpt.estimate_checkpoint_bytes(per_rank, trainable_per_rank, param_bytes, cfg.checkpoint_dir)
     identity = stream_identity(cfg.data, info.world_size)
     run_info = {"world_size": info.world_size, "backend": info.backend, "zero_stage": dist.zero_stage(ds_config),
                 "params_total": whole, "params_per_rank": per_rank,
-                "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
-                                        if p.requires_grad),
+                "trainable_params": sum(dist.full_numel(p) for p in engine.module.parameters() if p.requires_grad),
                 "batches_per_epoch": bpe, "total_steps": total, "stream": identity}
 
     state = ckpt.TrainState(data_seed=cfg.data.seed, world_size=info.world_size)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume is not None:
         state = ckpt.restore_train_state(engine, resume.dir, resume.tag)
         saved = (state.extra or {}).get("stream")
@@ -255,16 +247,24 @@ def train(cfg: TrainConfig) -> dict:
                  " (DeepSpeed universal checkpoint)" if resume.universal else "") if info.is_main else None
     state.extra = {"stream": identity}
     state.world_size = info.world_size
+    if info.is_main:
+        # Steps logged after the checkpoint by the run that died are trained again
+        # now: drop them, so metrics.jsonl has one record per step. (W&B keeps the
+        # first value of a step already: a resumed run cannot log below its step.)
+        ckpt.drop_metrics_after(metrics_path, state.global_step)
+        problem = ckpt.space_problem(cfg.checkpoint_dir, checkpoint_estimate(), cfg.checkpoint.space_margin)
+        if problem:
+            log.warning("the next checkpoint save will be refused unless space is freed: %s", problem)
 
-    from pipeline.tracking import start_tracking
+    from pipeline.tracking import start_train_tracking
 
-    tracker = start_tracking(cfg.wandb, cfg.wandb_dir, cfg.to_dict(), is_main=info.is_main,
-                             run_id=state.wandb_run_id)
+    # run_info.json records the run's group for the evaluations of its export
+    # (pipeline/evaluation/wandb_log.py).
+    tracker = start_train_tracking(cfg.wandb, cfg.wandb_dir, cfg.to_dict(), cfg.output_dir, is_main=info.is_main,
+                                   run_id=state.wandb_run_id)
     state.wandb_run_id = dist.broadcast_object(tracker.run_id if info.is_main else None)
     if info.is_main:
-        run_info["wandb_mode"] = tracker.mode
-        run_info["wandb_run_dir"] = tracker.run_dir
-        run_info["wandb_run_id"] = state.wandb_run_id
+        run_info.update(tracker.record())
         with open(os.path.join(cfg.output_dir, "run_info.json"), "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=1)
         tracker.update_config({"run_info": {k: v for k, v in run_info.items() if k != "stream"}})
@@ -299,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
         progress = tqdm(total=total, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
     ctx = LoopContext(make_loader=make_loader, batches_per_epoch=bpe, total_steps=total, rank=info.rank,
                       world_size=info.world_size, seed=cfg.loop.seed, nonfinite=cfg.nonfinite,
-                      dtype=dist.TORCH_DTYPES[cfg.model.dtype], image_tokens=cfg.model.num_image_tokens,
+                      dtype=torch_dtype(cfg.model.dtype), image_tokens=cfg.model.num_image_tokens,
                       log_every=cfg.loop.log_every, checkpoint_every=cfg.checkpoint.every_steps, save=save,
                       tracker=tracker, metrics_file=os.path.join(cfg.output_dir, "metrics.jsonl") if info.is_main
                       else None, progress=progress, stop_step=cfg.loop.stop_at_step,
@@ -323,7 +323,7 @@ def train(cfg: TrainConfig) -> dict:
         export = None
         if cfg.checkpoint.export and state.global_step >= total:
             export = ckpt.export_final(engine.module, lambda: build_model(cfg, tokenizer, skip_init=True), tokenizer,
-                                       os.path.join(cfg.output_dir, "export"), info.rank)
+                                       os.path.join(cfg.output_dir, "export"), info.rank, card=cfg.to_dict())
         summary = {"global_step": state.global_step, "steps_this_run": state.global_step - start_step,
                    "loop_seconds": loop_s, "total_seconds": time.monotonic() - t_start,
                    "checkpoint_dir": cfg.checkpoint_dir, "final_checkpoint": final_tag, "export": export,

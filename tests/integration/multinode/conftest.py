@@ -209,12 +209,11 @@ def job_overrides(shards: Path, out: Path, tokenizer: Path) -> list[str]:
 def job_data(mmfr_shards, tmp_path_factory) -> dict:
     """The session's training shards and a tokenizer built from them the way
     train.py builds one when tokenizer.path is null (done once, not per run)."""
-    from modeling.tokenizer import build_bpe_tokenizer, demo_corpus
-    from pipeline.training.run import shard_corpus
-    from sharding.schema import ATTRIBUTES, EVAL_QUESTION
+    from modeling.tokenizer import build_bpe_tokenizer
+    from pipeline.data.corpus import tokenizer_corpus
 
     tok = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
-    corpus = list(shard_corpus(str(mmfr_shards / "train"), 2000)) + list(demo_corpus(ATTRIBUTES, [EVAL_QUESTION]))
+    corpus = tokenizer_corpus(str(mmfr_shards / "train"), 2000)
     build_bpe_tokenizer(corpus, str(tok), vocab_size=1024, model_max_length=768)
     return {"shards": mmfr_shards / "train", "tokenizer": tok}
 

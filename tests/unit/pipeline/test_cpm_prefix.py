@@ -25,6 +25,8 @@ def write_answers(path, answers: list[str]) -> None:
             info = tarfile.TarInfo(f"s{i:04d}.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    # The shards are found as the training stream finds them: listed in sizes.json.
+    (path.parent / "sizes.json").write_text(json.dumps({path.name: len(answers)}))
 
 
 def answer(word: str, after_tag: str = " ") -> str:

@@ -123,3 +123,12 @@ def test_zero3_hooks_see_every_tensor_of_the_model_output():
     assert result is out and isinstance(result, FakeReasoningOutput)
     assert result.loss is result["loss"] and result.loss is not loss  # the wrapped tensor is the one used
     assert torch.equal(result.p_fake, torch.tensor([0.1, 0.9])) and result.logits is None
+
+
+def test_an_unpartitioned_parameter_counts_its_own_elements():
+    """Without ZeRO-3 a parameter is what it holds (the partitioned case, with real
+    DeepSpeed, is tests/integration/test_zero3_params.py)."""
+    import torch
+
+    p = torch.nn.Linear(4, 3).weight
+    assert not dist.is_partitioned(p) and dist.full_numel(p) == 12
