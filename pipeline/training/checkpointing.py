@@ -276,12 +276,7 @@ def drop_metrics_after(path: str, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_atomic(path, "".join(kept))
         log.info("%s: dropped %d records past step %d (trained again after the resume)", path, dropped, step)
     return dropped
 
