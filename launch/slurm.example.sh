@@ -12,6 +12,25 @@
 #SBATCH --requeue
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: sbatch [--nodes=N] launch/slurm.example.sh [key=value ...]
+
+Trains the paper recipe (launch/recipes/fakereasoning-13b.yaml) on the SLURM
+allocation: one deepspeed launch over a hostfile built from SLURM_JOB_NODELIST,
+8 GPUs per node, output_dir=runs/fakereasoning-13b, resuming from the newest
+complete checkpoint (checkpoint.resume=auto), so a requeued job continues.
+Every argument is a dotted override of the recipe, e.g.
+  data.train_shards=/data/mmfr-shards/train model.llm.path=/models/MoF_Models
+Run it inside a SLURM job (sbatch or salloc); see docs/operations.md.
+USAGE
+}
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+if [ -z "${SLURM_JOB_ID:-}" ] || [ -z "${SLURM_JOB_NODELIST:-}" ]; then
+  echo "error: SLURM_JOB_ID / SLURM_JOB_NODELIST are not set: submit with sbatch (see --help)" >&2
+  exit 2
+fi
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 mkdir -p logs
 
