@@ -381,8 +381,8 @@ def save_checkpoint(engine, ckpt_dir: str, state: TrainState, config: dict, keep
     space first (`space_margin` > 0)."""
     tag = tag_for(state.global_step)
     t0 = time.monotonic()
-    if estimate is not None and space_margin > 0:
-        check_space_everywhere(ckpt_dir, estimate, space_margin, is_main)
+    if space_margin > 0:  # rank 0 holds the estimate and decides for every rank
+        check_space_everywhere(ckpt_dir, estimate or 0, space_margin, is_main)
     try:
         dist.save_engine_checkpoint(engine, ckpt_dir, tag, state.to_client_state(config))
     except (OSError, RuntimeError) as e:

@@ -280,7 +280,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
                                  world_size=info.world_size, epoch=epoch, start_batch=start_batch)
 
     def save(st: ckpt.TrainState) -> None:
-        ckpt.save_checkpoint(engine, cfg.checkpoint_dir, st, config_dict, cfg.checkpoint.keep_last, info.is_main)
+        ckpt.save_checkpoint(engine, cfg.checkpoint_dir, st, config_dict, cfg.checkpoint.keep_last, info.is_main,
+                             estimate=checkpoint_estimate() if info.is_main else None,
+                             space_margin=cfg.checkpoint.space_margin)
 
     from modeling.flops import step_flops
     from modeling.llm import causal_lm

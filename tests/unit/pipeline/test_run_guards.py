@@ -80,3 +80,12 @@ def test_metrics_past_the_checkpoint_are_dropped_once(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert ckpt.drop_metrics_after(str(path), 3) == 0
     assert ckpt.drop_metrics_after(str(tmp_path / "absent.jsonl"), 3) == 0
+
+
+def test_a_save_that_cannot_fit_is_refused_before_anything_is_written(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    with pytest.raises(ckpt.CheckpointSpaceError, match="refusing to start the checkpoint save") as e:
+        ckpt.check_space_everywhere(str(ckpt_dir), ckpt.free_bytes(str(tmp_path)) * 2, 1.2, is_main=True)
+    assert e.value.errno == 28 and str(ckpt_dir) in str(e.value)
+    assert not ckpt_dir.exists()
+    ckpt.check_space_everywhere(str(ckpt_dir), 1024, 1.2, is_main=True)  # fits: no error
