@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from modeling import cpm as cpm_math
 from modeling.base_checkpoint import init_projectors_from_base, inspect_base
-from modeling.config import ConfigError, ModelConfig
+from modeling.config import ModelConfig
 from modeling.fusion import ForgeryAwareFusion
 from modeling.llm import apply_lora, build_llm, causal_lm, llm_dtype
 from modeling.projector import build_projector
