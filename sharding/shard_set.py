@@ -178,8 +178,9 @@ def plan_warnings(set_name: str, shards: list[list[ShardSample]], opts: ShardOpt
     return out
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (shards, weights, listed images)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
@@ -194,7 +195,7 @@ def _reusable(job: ShardJob, record_path: str) -> ShardResult | None:
         # Computed here only when a record exists; fresh shards get theirs in the worker.
         if res.fingerprint != jobs_fingerprint(job.samples):
             return None
-        if os.path.getsize(job.path) != res.bytes or _sha256_file(job.path) != res.sha256:
+        if os.path.getsize(job.path) != res.bytes or file_digest(job.path) != res.sha256:
             return None
         return res
     except (OSError, ValueError, TypeError):

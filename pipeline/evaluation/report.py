@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.evaluation.calibration import threshold_report
 from pipeline.evaluation.metrics import generator_order, set_metrics
 from pipeline.evaluation.parsing import ALL_STATUSES, PARSEABLE_STATUSES
+from sharding.shard_set import file_digest
 from pipeline.evaluation.perturbations import parse_perturbations, robustness_markdown, robustness_results
 from pipeline.evaluation.video import VIDEO_COLUMNS, video_set_metrics
 
@@ -102,14 +103,6 @@ def format_value(value: float | int | None, kind: str) -> str:
     return f"{number:.2f}" if kind == "pct" else f"{number:.4f}"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_identity(path: str) -> dict[str, Any]:
     """Absolute path and sha256 of every weight file of a checkpoint.
 
@@ -121,13 +114,13 @@ def checkpoint_identity(path: str) -> dict[str, Any]:
     path = os.path.abspath(path)
     files = {}
     if os.path.isfile(path):
-        files[os.path.basename(path)] = _sha256(path)
+        files[os.path.basename(path)] = file_digest(path)
     else:
         for root, _dirs, names in os.walk(path):
             for name in names:
                 if name.endswith(WEIGHT_SUFFIXES):
                     full = os.path.join(root, name)
-                    files[os.path.relpath(full, path)] = _sha256(full)
+                    files[os.path.relpath(full, path)] = file_digest(full)
     if not files:
         raise FileNotFoundError(f"checkpoint {path!r}: no weight file ({', '.join(WEIGHT_SUFFIXES)}) found")
     combined = hashlib.sha256()

@@ -17,6 +17,7 @@ import yaml
 from modeling.vision import torch_dtype
 from pipeline import distributed as dist
 from pipeline.training.config import TrainConfig
+from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
 from pipeline.training.loop import CpmWatch, LoopContext, device_peak_flops, run_loop
 from pipeline.training.lr_schedule import build_schedule
@@ -227,7 +228,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
     param_bytes = torch.tensor([], dtype=torch_dtype(cfg.model.dtype)).element_size()
 
     def checkpoint_estimate() -> int:
-        return ckpt.estimate_checkpoint_bytes(per_rank, trainable_per_rank, param_bytes, cfg.checkpoint_dir)
+        return space.estimate_checkpoint_bytes(per_rank, trainable_per_rank, param_bytes,
+                                               measured=ckpt.newest_checkpoint_bytes(cfg.checkpoint_dir))
     identity = stream_identity(cfg.data, info.world_size)
     run_info = {"world_size": info.world_size, "backend": info.backend, "zero_stage": dist.zero_stage(ds_config),
                 "params_total": whole, "params_per_rank": per_rank,
@@ -252,7 +254,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
         # now: drop them, so metrics.jsonl has one record per step. (W&B keeps the
         # first value of a step already: a resumed run cannot log below its step.)
         ckpt.drop_metrics_after(metrics_path, state.global_step)
-        problem = ckpt.space_problem(cfg.checkpoint_dir, checkpoint_estimate(), cfg.checkpoint.space_margin)
+        problem = space.space_problem(cfg.checkpoint_dir, checkpoint_estimate(), cfg.checkpoint.space_margin)
         if problem:
             log.warning("the next checkpoint save will be refused unless space is freed: %s", problem)
 

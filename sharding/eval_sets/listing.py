@@ -21,12 +21,12 @@ Every row becomes a sample or a counted rejection (`bad_label`, `missing`,
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from typing import Any
 
 from .. import schema
+from ..shard_set import file_digest
 from .common import LABEL_FOLDERS, BenchmarkScan, ext_of
 
 _LABEL_WORDS = {**{k: v for k, v in LABEL_FOLDERS.items()}, "0": 0, "1": 1}
@@ -82,14 +82,6 @@ def _reasoning(value: Any) -> tuple[str, dict[str, str | None] | None]:
     return str(value), None
 
 
-def _md5(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def scan_listing(src: str, benchmark: str, path_column: str = "path", md5_column: str | None = None) -> BenchmarkScan:
     src = os.path.abspath(src)
     if not os.path.isfile(src):
@@ -123,7 +115,7 @@ def scan_listing(src: str, benchmark: str, path_column: str = "path", md5_column
                 scan.reject(generator, rel, "zero_byte", "the file is empty")
                 continue
             expected = str(row.get(md5_column) or "").strip().lower() if md5_column else ""
-            if expected and _md5(full) != expected:
+            if expected and file_digest(full, "md5") != expected:
                 scan.reject(generator, rel, "md5_mismatch", f"{where}: the file's MD5 is not the listed {expected}")
                 continue
             reference, attributes = _reasoning(row.get("reasoning"))

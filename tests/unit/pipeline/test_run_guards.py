@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
 from sharding.dir_lock import LOCK_FILE, OutputLocked, acquire, read_holder
 
@@ -53,20 +54,20 @@ def test_second_acquire_in_the_same_folder_is_refused(tmp_path):
 
 
 def test_a_save_that_cannot_fit_is_named_with_path_and_free_space(tmp_path):
-    free = ckpt.free_bytes(str(tmp_path))
-    assert ckpt.space_problem(str(tmp_path / "checkpoints"), 1024, 1.2) is None
-    problem = ckpt.space_problem(str(tmp_path / "checkpoints"), free * 2, 1.2)
+    free = space.free_bytes(str(tmp_path))
+    assert space.space_problem(str(tmp_path / "checkpoints"), 1024, 1.2) is None
+    problem = space.space_problem(str(tmp_path / "checkpoints"), free * 2, 1.2)
     assert problem is not None and str(tmp_path / "checkpoints") in problem and "MiB free" in problem
-    assert ckpt.space_problem(str(tmp_path), free * 2, 0) is None  # margin 0 turns the check off
+    assert space.space_problem(str(tmp_path), free * 2, 0) is None  # margin 0 turns the check off
 
 
 def test_estimate_counts_parameters_and_optimizer_state_per_rank():
-    est = ckpt.estimate_checkpoint_bytes([100, 100], [10, 10], 2)
-    assert est == 2 * (100 * 2 + 10 * ckpt.OPTIMIZER_BYTES_PER_TRAINABLE + ckpt.PER_RANK_OVERHEAD_BYTES)
+    est = space.estimate_checkpoint_bytes([100, 100], [10, 10], 2)
+    assert est == 2 * (100 * 2 + 10 * space.OPTIMIZER_BYTES_PER_TRAINABLE + space.PER_RANK_OVERHEAD_BYTES)
 
 
 def test_a_failed_save_names_the_path_and_enospc(tmp_path):
-    err = ckpt._save_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+    err = space.save_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
                              str(tmp_path / "global_step3"), None)
     assert "No space left on device (ENOSPC)" in str(err) and str(tmp_path / "global_step3") in str(err)
     assert "free on its file system" in str(err)
@@ -84,8 +85,8 @@ def test_metrics_past_the_checkpoint_are_dropped_once(tmp_path):
 
 def test_a_save_that_cannot_fit_is_refused_before_anything_is_written(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
-    with pytest.raises(ckpt.CheckpointSpaceError, match="refusing to start the checkpoint save") as e:
-        ckpt.check_space_everywhere(str(ckpt_dir), ckpt.free_bytes(str(tmp_path)) * 2, 1.2, is_main=True)
+    with pytest.raises(space.CheckpointSpaceError, match="refusing to start the checkpoint save") as e:
+        space.check_space_everywhere(str(ckpt_dir), space.free_bytes(str(tmp_path)) * 2, 1.2, is_main=True)
     assert e.value.errno == 28 and str(ckpt_dir) in str(e.value)
     assert not ckpt_dir.exists()
-    ckpt.check_space_everywhere(str(ckpt_dir), 1024, 1.2, is_main=True)  # fits: no error
+    space.check_space_everywhere(str(ckpt_dir), 1024, 1.2, is_main=True)  # fits: no error
