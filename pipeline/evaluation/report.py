@@ -342,6 +342,9 @@ def add_extended_results(results: dict[str, Any], predictions: Sequence[Mapping[
     face = face_crop_counts(predictions)
     if face:
         results["face_crop"] = face
+        if face["found"] == 0:  # a crop that never fired is a silent no-op: say so
+            log.warning("--face-crop found no face in any of the %d video frames: every frame was scored whole",
+                        face["frames"])
     if config.get("perturb"):
         results["robustness"] = robustness_results(results["sets"], perturbed,
                                                    parse_perturbations(config["perturb"]))
