@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Each creates .venv/ on first use (installed from setup.py with the extras it
-# needs) and reuses it afterwards; editing setup.cfg or setup.py reinstalls.
+# Each creates .venv/ on first use (an editable install of pyproject.toml with
+# the test extra) and reuses it afterwards; editing pyproject.toml reinstalls.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast clean-demo
 
-$(STAMP): setup.py setup.cfg
+$(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --progress-bar off -e '.[test]'

@@ -2,7 +2,7 @@
 
 The reference evaluates on one GPU with batch size 1 and reloads the CLIP text
 model for every sample to compute CSS. This benchmark runs, on the tiny preset
-and the same synthetic MMFR evaluation images (pipeline.evaluation.tiny):
+and the same synthetic MMFR evaluation images (launch.tiny_models):
 
   1. in one process, one model load, the same images:
        batched    score_items with --batch-size, CSS with the CLIP text model
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
                    help="folder for bench_eval.json/.md")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pipeline.evaluation.tiny import build_tiny_setup
+    from launch.tiny_models import build_tiny_setup
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_eval_")
     setup = build_tiny_setup(os.path.join(work, "setup"), args.images_per_generator)

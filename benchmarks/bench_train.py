@@ -48,7 +48,7 @@ def make_shards(work: str, train_images: int) -> str:
 
 
 def run_stage(stage: int, shards: str, args) -> dict:
-    from pipeline.launcher import run_training
+    from launch.local_run import run_training
 
     out = os.path.join(args.work_dir, f"zero{stage}")
     if os.path.isdir(out):

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     print(f"({time.monotonic() - t:.0f}s)")
 
     t = step(f"4/5 train: deepspeed, {args.ranks} ranks on CPU (gloo), ZeRO-3, tiny preset")
-    from pipeline.launcher import build_cpu_ops, run_training
+    from launch.local_run import build_cpu_ops, run_training
 
     print("DeepSpeed CPU ops: compiling on the first run (about 2.5 minutes), cached afterwards", flush=True)
     print(f"  ready ({build_cpu_ops():.0f}s)", flush=True)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     print(f"({train_s:.0f}s)")
 
     t = step("5/5 evaluate the exported model on the 10 synthetic generators (launch/eval.py)")
-    from pipeline.evaluation.tiny import build_tiny_clip_text
+    from launch.tiny_models import build_tiny_clip_text
 
     # CSS needs a CLIP text model from a local path; the demo has no download,
     # so it builds a random tiny one: the CSS column runs but means nothing here.

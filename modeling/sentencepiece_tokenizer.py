@@ -69,7 +69,7 @@ def _sentencepiece():
     try:
         import sentencepiece
         from sentencepiece import sentencepiece_model_pb2
-    except ImportError as exc:  # a runtime dependency (setup.cfg); say so rather than fail obscurely
+    except ImportError as exc:  # a runtime dependency (pyproject.toml); say so rather than fail obscurely
         raise TokenizerLoadError(
             f"a {SP_MODEL_FILE} tokenizer needs the 'sentencepiece' and 'protobuf' packages ({exc})"
         ) from exc

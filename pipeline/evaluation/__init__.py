@@ -4,7 +4,8 @@
 - ``metrics``: BLEU-1 / ROUGE-L / CSS, accuracy in the reference and strict
   conventions, AUC/AP, per generator and averaged over a set;
 - ``report``: results.json, results.md, predictions.jsonl and plots;
-- ``runner``: the multi-rank scoring loop used by ``launch/eval.py``;
+- ``runner``: the multi-rank scoring loop; ``cli``: its command line (``fakereasoning-eval``,
+  ``python -m pipeline.evaluation``, ``launch/eval.py`` in a checkout);
 - ``video``: video-level scores of frame sets (mean frame p_fake) and the optional face crop;
 - ``perturbations``: robustness sweeps (JPEG, resize, blur of the decoded image);
 - ``calibration``: ECE / NLL / Brier of p_fake and the threshold chosen on a held-out set;

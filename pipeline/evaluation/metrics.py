@@ -31,6 +31,7 @@ calibration metrics ECE (15 equal-width bins), NLL and Brier (calibration.py).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ from typing import Any
 
 from nltk.translate.bleu_score import sentence_bleu
 from rouge_score import rouge_scorer
+
+# These metrics as a Hugging Face `evaluate` module (package data, so an installed
+# package has it too): `evaluate.load(FDR_METRIC_DIR)`.
+FDR_METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fdr_metric")
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.evaluation.calibration import brier, ece, nll

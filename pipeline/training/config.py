@@ -120,8 +120,33 @@ RENAMED_FIELDS = {
 }
 
 
+# The recipes ship inside the package (package data), so an installed package
+# can train with `--config tiny-cpu` without a checkout.
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (`tiny-cpu`, `fakereasoning-13b`)."""
+    return sorted(n[: -len(".yaml")] for n in os.listdir(RECIPES_DIR) if n.endswith(".yaml"))
+
+
+def recipe_path(recipe: str) -> str:
+    """A recipe file: `recipe` itself when it is a path that exists, else the
+    packaged recipe of that name (with or without .yaml). A name that is neither
+    is an error listing the packaged recipes."""
+    if os.path.exists(recipe):
+        return recipe
+    name = recipe[: -len(".yaml")] if recipe.endswith(".yaml") else recipe
+    if os.sep not in name and name in packaged_recipes():
+        return os.path.join(RECIPES_DIR, name + ".yaml")
+    raise ConfigError(f"recipe {recipe} does not exist (not a file, and not one of the packaged recipes "
+                      f"{', '.join(packaged_recipes())})")
+
+
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Recipe YAML (may be None: defaults) + overrides -> validated TrainConfig."""
+    """Recipe YAML (a path or a packaged recipe's name; None: defaults) +
+    overrides -> validated TrainConfig."""
+    path = recipe_path(path) if path is not None else None
     raw = read_yaml_mapping(path) if path is not None else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
     try:

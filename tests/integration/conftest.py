@@ -41,7 +41,7 @@ def deepspeed_cpu_ops() -> None:
     2.5 minutes (longer on a loaded machine); paid inside whichever test runs
     first, that would eat its launch timeout and fail it for the wrong reason.
     """
-    from pipeline.launcher import build_cpu_ops
+    from launch.local_run import build_cpu_ops
 
     build_cpu_ops(timeout=1800)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import read_offline_run
+from launch.wandb_readback import read_offline_run
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
 
     from PIL import Image
 
-    from pipeline.evaluation.tiny import build_tiny_setup
+    from launch.tiny_models import build_tiny_setup
     from sharding.eval_sets.cli import main as shard_benchmark
 
     root = tmp_path_factory.mktemp("eval")

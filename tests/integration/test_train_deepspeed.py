@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launcher import REPO, run_training
-from pipeline.tracking import read_offline_run
+from launch.local_run import REPO, run_training
+from launch.wandb_readback import read_offline_run
 
 pytestmark = pytest.mark.slow
 

@@ -254,7 +254,7 @@ def reference_run(job_data, tmp_path_factory) -> dict:
     """The uninterrupted job on one node with 2 ranks (`deepspeed --num_gpus 2`),
     with W&B unreachable: online mode forced, a key set, and WANDB_BASE_URL a
     closed local port. The comparison point of the two-host and fault runs."""
-    from pipeline.launcher import cpu_env, run_training
+    from launch.local_run import cpu_env, run_training
 
     base = tmp_path_factory.mktemp("reference")
     out = base / "out"
@@ -344,7 +344,7 @@ def _processes(marker: str):
 @pytest.fixture(scope="module")
 def two_host_launch(loopback_cluster):
     """start(overrides, run_dir) -> TwoHostRun; every run is reaped at the end."""
-    from pipeline.launcher import cpu_env, deepspeed_executable
+    from launch.local_run import cpu_env, deepspeed_executable
 
     runs: list[TwoHostRun] = []
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import read_offline_run
+from launch.wandb_readback import read_offline_run
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def damaged_run(damaged_shards, job_data, job, tmp_path_factory) -> dict:
     shards, so past the cut one read in two is bad: the fraction crosses 30%
     around rank 1's ~60th read (step ~7) and stops the run. (It would never reach
     50%, and peaks near 39% when the dead shard's promised samples run out.)"""
-    from pipeline.launcher import run_training
+    from launch.local_run import run_training
 
     base = tmp_path_factory.mktemp("damaged-run")
     out = base / "out"
@@ -260,7 +260,7 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint_via_universal(reference_r
     checkpoint's, parameter by parameter."""
     import torch
 
-    from pipeline.launcher import run_training
+    from launch.local_run import run_training
 
     ref_ckpt = reference_run["out"] / "checkpoints"
     tag = f"global_step{job.every}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launcher import REPO, cpu_env, deepspeed_executable
+from launch.local_run import REPO, cpu_env, deepspeed_executable
 
 pytestmark = pytest.mark.slow
 

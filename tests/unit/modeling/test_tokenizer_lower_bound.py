@@ -10,7 +10,6 @@ skips, saying so, when PyPI cannot be reached.
 """
 from __future__ import annotations
 
-import configparser
 import importlib.metadata
 import json
 import os
@@ -58,14 +57,8 @@ print(json.dumps(out))
 
 
 def transformers_requirement() -> Requirement:
-    """The package's transformers requirement, from pyproject.toml or else setup.cfg."""
-    pyproject = REPO / "pyproject.toml"
-    if pyproject.is_file():
-        deps = tomllib.loads(pyproject.read_text()).get("project", {}).get("dependencies", [])
-    else:
-        cfg = configparser.ConfigParser()
-        cfg.read(REPO / "setup.cfg")
-        deps = cfg["options"]["install_requires"].split("\n")
+    """The package's transformers requirement, from pyproject.toml."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for line in deps:
         if line.strip() and Requirement(line).name == "transformers":
             return Requirement(line)

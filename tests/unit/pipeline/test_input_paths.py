@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.eval import main as eval_main
-from launch.train import main as train_main
+from pipeline.evaluation.cli import main as eval_main
+from pipeline.training.cli import main as train_main
 from modeling.checkpoint_io import write_weights
 from modeling.config_loading import ConfigError
 from pipeline.evaluation.config import EvalConfig

@@ -6,7 +6,8 @@ import socket
 import pytest
 
 from pipeline.tracking import WandbConfig
-from pipeline.tracking import experiment_group, read_offline_run, read_offline_run_record, resolve_mode
+from launch.wandb_readback import read_offline_run, read_offline_run_record
+from pipeline.tracking import experiment_group, resolve_mode
 from pipeline.tracking import start_tracking, start_train_tracking
 
 

@@ -11,7 +11,7 @@ from pipeline.evaluation.runner import Scorer, add_text_scores, load_model, scor
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from pipeline.evaluation.tiny import build_tiny_model
+    from launch.tiny_models import build_tiny_model
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("m")

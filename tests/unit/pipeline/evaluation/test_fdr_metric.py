@@ -3,11 +3,9 @@ gives the same numbers as pipeline.evaluation.metrics."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[4]
 SCRIPT = r"""
 import json, sys, evaluate
 m = evaluate.load(sys.argv[1], cache_dir=sys.argv[2])
@@ -20,7 +18,7 @@ print(json.dumps(m.compute(predictions=preds, references=refs, labels=[0, 1, 1, 
 def test_fdr_metric_loads_offline_and_matches(tmp_path, tiny_clip):
     import json
 
-    from pipeline.evaluation.metrics import CSSScorer, bleu1, rouge_l
+    from pipeline.evaluation.metrics import FDR_METRIC_DIR, CSSScorer, bleu1, rouge_l
 
     preds = [
         "<REASONING>The edges are smooth</REASONING><CONCLUSION>This image is real.</CONCLUSION>",
@@ -33,7 +31,7 @@ def test_fdr_metric_loads_offline_and_matches(tmp_path, tiny_clip):
                HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"))
     # Run from an unrelated directory: only the module path and the installed package matter.
     res = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(REPO / "metrics" / "fdr_metric"), str(tmp_path / "cache"),
+        [sys.executable, "-c", SCRIPT, FDR_METRIC_DIR, str(tmp_path / "cache"),
          json.dumps(preds), json.dumps(refs), tiny_clip],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -45,7 +45,7 @@ def test_bad_specs_name_the_flag_and_the_field(tmp_path, capsys):
         parse_perturbations(["jpeg:75", "jpeg:50,75"])
     with pytest.raises(EvalConfigError, match=r"^perturb: 'blur:-1'"):
         EvalConfig(checkpoint=str(tmp_path), out="o", shards=str(tmp_path), perturb=["blur:-1"]).validate()
-    from launch.eval import parse_args
+    from pipeline.evaluation.cli import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--checkpoint", "c", "--out", "o", "--perturb", "jpeg:101"])

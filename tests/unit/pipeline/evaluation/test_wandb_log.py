@@ -13,7 +13,8 @@ import pytest
 from pipeline.evaluation.config import EvalConfig
 from pipeline.evaluation.report import REFERENCE_COLUMNS, checkpoint_identity, write_report
 from pipeline.evaluation.wandb_log import checkpoint_artifact, log_eval, training_run
-from pipeline.tracking import WandbConfig, experiment_group, read_offline_run, read_offline_run_record
+from launch.wandb_readback import read_offline_run, read_offline_run_record
+from pipeline.tracking import WandbConfig, experiment_group
 from pipeline.tracking import start_train_tracking
 
 GENERATORS = ("flux", "gigagan")

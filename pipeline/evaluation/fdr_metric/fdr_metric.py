@@ -1,13 +1,16 @@
 """FDR metric: the FakeReasoning evaluation metric as a Hugging Face `evaluate` module.
 
-Load it offline from this repository (no hub access is needed or attempted):
+Load it offline (no hub access is needed or attempted); it ships inside the
+installed package:
 
-    HF_EVALUATE_OFFLINE=1 python -c "import evaluate; m = evaluate.load('metrics/fdr_metric'); ..."
+    import evaluate
+    from pipeline.evaluation.metrics import FDR_METRIC_DIR
+    m = evaluate.load(FDR_METRIC_DIR)      # HF_EVALUATE_OFFLINE=1 keeps evaluate off the hub
 
 `evaluate` copies this script into its modules cache before importing it, so
 the script cannot import files next to it; it imports the project's package
-instead (`pip install -e .`, which `make venv` does), so the numbers are
-computed by exactly the code that `launch/eval.py` uses.
+instead, so the numbers are computed by exactly the code that
+`fakereasoning-eval` uses.
 """
 import datasets
 import evaluate
@@ -42,7 +45,7 @@ Returns:
     bleu1_strict, rouge_l_strict (, css_strict): the same over all answers;
     parse_failure_rate; with labels: accuracy, real_accuracy, fake_accuracy and their _strict versions.
 Examples:
-    >>> m = evaluate.load("metrics/fdr_metric")
+    >>> m = evaluate.load(FDR_METRIC_DIR)
     >>> m.compute(predictions=["<REASONING>smooth edges</REASONING><CONCLUSION>This image is real.</CONCLUSION>"],
     ...           references=["smooth natural edges"], labels=[0])["accuracy"]
     1.0

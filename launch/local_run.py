@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: launch/ is not installed
 TRAIN_SCRIPT = os.path.join(REPO, "launch", "train.py")
 
 

@@ -1,0 +1,63 @@
+"""Train FakeReasoning with DeepSpeed.
+
+The same command as `fakereasoning-train`, `python -m pipeline.training` and
+(from a checkout) `launch/train.py`. Under the launcher:
+
+    deepspeed --num_gpus 8 launch/train.py --config fakereasoning-13b           (a checkout)
+    deepspeed --num_gpus 8 --module pipeline.training --config fakereasoning-13b (installed package)
+    deepspeed --hostfile launch/hostfile.example launch/train.py --config RECIPE.yaml optim.lr=1e-5
+    deepspeed --num_gpus 2 launch/train.py --config tiny-cpu data.train_shards=DIR
+
+--config is a recipe file or the name of a packaged recipe (tiny-cpu,
+fakereasoning-13b; they live in pipeline/training/recipes/, which a checkout
+also shows as launch/recipes/). Anything after the recipe is a
+`dotted.field=value` override of the recipe (values are YAML: 1e-4, true,
+null, [0.9, 0.95]). This file only parses arguments; pipeline/training/run.py
+does the work.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training recipe: a YAML file or a packaged recipe's name (tiny-cpu, fakereasoning-13b)")
+    p.add_argument("--resume", default=None,
+                   help="shorthand for checkpoint.resume: 'auto' (newest complete checkpoint) or a tag folder")
+    p.add_argument("--check", action="store_true",
+                   help="validate the recipe, the overrides and every input path, print the config, exit")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline.input_paths import check_train_inputs
+    from pipeline.training.config import ConfigError, load_train_config
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_train_config(args.config, overrides)
+        check_train_inputs(cfg)  # every input path, for --check and at start-up alike
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from pipeline.training.run import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
