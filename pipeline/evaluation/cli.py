@@ -25,7 +25,10 @@ The reference script scores 10 real + 10 fake per generator by default
 (--max-per-class 10); its paper numbers use every image (the default here).
 
 Each image is scored by exactly one rank; rank 0 writes RESULTS_DIR/results.json,
-results.md, predictions.jsonl and plots, and logs to W&B. Benchmarks are sharded
+results.md, predictions.jsonl and plots, and logs to W&B. Every finished batch
+is also written to RESULTS_DIR/partial/, so a killed run started again with the
+same arguments (any number of ranks) resumes where it stopped (--restart: start
+over; other settings or another checkpoint: exit status 2). Benchmarks are sharded
 with `bash launch/shard_benchmark.sh NAME SRC OUT`. This file only parses
 arguments; pipeline/evaluation/runner.py does the work.
 """
@@ -103,6 +106,10 @@ def parse_args(argv=None):
                    help="crop video frames to their largest face (OpenCV Haar cascade; needs the 'face' extra, "
                         "opencv-python-headless<5)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--restart", action="store_true",
+                   help="discard the partial output of an earlier (killed or different) run in OUT/partial and "
+                        "score everything again; without it a rerun with the same arguments resumes where it "
+                        "stopped, and one with other settings or another checkpoint stops with exit status 2")
     g = p.add_argument_group("Weights & Biases (rank 0)")
     g.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), default="auto",
                    help="auto: online with credentials, else offline (default)")
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
         wandb=WandbConfig(project=args.wandb_project, mode=args.wandb_mode, name=args.wandb_name,
                           dir=args.wandb_dir, tags=["eval"]),
         wandb_samples=args.wandb_samples, progress=not args.no_progress, perturb=list(args.perturb),
-        calibrate_on=args.calibrate_on, face_crop=args.face_crop)
+        calibrate_on=args.calibrate_on, face_crop=args.face_crop, restart=args.restart)
     try:
         cfg.validate()  # types, values and every input path
     except ConfigError as e:
@@ -149,9 +156,14 @@ def main(argv=None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from pipeline.evaluation.resume import ResumeMismatch
     from pipeline.evaluation.runner import run_eval
 
-    results = run_eval(cfg)
+    try:
+        results = run_eval(cfg)
+    except ResumeMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if results is not None:
         with open(os.path.join(cfg.out, "results.md"), encoding="utf-8") as f:
             print(f.read())

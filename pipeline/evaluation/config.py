@@ -102,6 +102,9 @@ class EvalConfig:
     face_crop: bool = False
     """Crop video frames to their largest face (OpenCV Haar cascade, extra 'face') before
     perturbations and preprocessing (pipeline/evaluation/video.py)."""
+    restart: bool = False
+    """Delete the partial output of an earlier run (`out`/partial, pipeline/evaluation/resume.py)
+    and score everything again; without it a rerun resumes, or refuses when its settings differ."""
 
     def sets(self) -> dict[str, str]:
         """Set name -> shard folder, MMFR first then the benchmarks in the order given."""

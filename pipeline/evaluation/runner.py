@@ -18,6 +18,11 @@ settings, parser, selection and CSS of an empty hypothesis; results.json
 batch's first image (`batch_seed`), and batches are cut at fixed positions of
 the whole image list (data.rank_slice), so a sampled run gives the same answers
 with any number of ranks or loader workers (on the same kind of device).
+
+Every finished batch is written to cfg.out/partial/ (resume.py), and a rerun
+with the same settings scores only the batches not found there, split among
+its ranks: a killed run resumes with any number of ranks and ends with the
+results of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline.evaluation import resume
 from pipeline.evaluation.config import EvalConfig
-from pipeline.evaluation.data import expected_counts, make_eval_loader, plan_items, rank_slice
+from pipeline.evaluation.data import expected_counts, make_eval_loader, plan_items
 from pipeline.evaluation.metrics import CSSScorer, text_scores
 from pipeline.evaluation.parsing import PARSERS
 from pipeline.evaluation.report import checkpoint_identity, write_report
@@ -127,12 +133,14 @@ class Scorer:
 
 
 def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_progress: bool,
-                perturbed: list[dict[str, Any]] | None = None):
+                perturbed: list[dict[str, Any]] | None = None, on_batch=None):
     """(prediction rows without text scores, failure records) of a list of items.
 
     perturbed: when a list, cfg's robustness sweep runs too and its rows (field
     `perturbation`) are appended to it; each batch is decoded once for all of them
-    and every variant of a batch gets the batch's seed, so only the image differs."""
+    and every variant of a batch gets the batch's seed, so only the image differs.
+    on_batch: called after every batch with its (rows, failures, perturbed rows,
+    forwards, scored images), e.g. resume.PartialWriter."""
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     sweep = cfg.perturbations() if perturbed is not None else []
@@ -140,12 +148,16 @@ def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_pr
     bar = tqdm(total=len(items), unit="img", desc="eval", disable=not show_progress, dynamic_ncols=True)
     try:
         for batch in loader:
+            marks = (len(rows), len(failures), len(perturbed or ()), scorer.forwards, scorer.images)
             for f in batch["failures"]:
                 failures.append({**f, "reason": f.pop("error")})
             if batch["samples"]:
                 rows.extend(scorer.score_batch(batch["pixel_values"], batch["samples"]))
                 for p, px in zip(sweep, batch["perturbed_pixel_values"]):
                     perturbed.extend({**r, "perturbation": p.name} for r in scorer.score_batch(px, batch["samples"]))
+            if on_batch is not None:
+                on_batch(rows[marks[0]:], failures[marks[1]:], (perturbed or [])[marks[2]:],
+                         scorer.forwards - marks[3], scorer.images - marks[4])
             bar.update(len(batch["samples"]) + len(batch["failures"]))
     finally:
         bar.close()
@@ -157,6 +169,17 @@ def forwards_per_image(per_rank: list[dict[str, Any]]) -> float | None:
     from generation; 2: a forced CPM forward for every image); None without images."""
     images = sum(p["scored"] for p in per_rank)
     return sum(p["forwards"] for p in per_rank) / images if images else None
+
+
+def run_counts(per_rank: list[dict[str, Any]], earlier: list[resume.BatchRecord]) -> dict[str, Any]:
+    """results.json "run" entries from the ranks' timings and the batches taken from
+    earlier partial output: speed of this run's scoring, forwards per image of all."""
+    resumed = {"scored": sum(r.scored for r in earlier), "forwards": sum(r.forwards for r in earlier)}
+    images = sum(p["images"] for p in per_rank)
+    return {"per_rank": per_rank,
+            "images_per_s_scoring": images / max(max(p["generate_s"] for p in per_rank), 1e-9),
+            "forwards_per_image": forwards_per_image(per_rank + [resumed]),
+            "resumed_images": sum(r.images for r in earlier)}
 
 
 def add_text_scores(rows: list[dict[str, Any]], css: CSSScorer | None) -> None:
@@ -207,50 +230,58 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     dev = current_device()
     t0 = time.perf_counter()
-    # Rank 0 plans (selection reads every sample's metadata) and every rank gets the
-    # same list; a planning error reaches every rank instead of leaving them waiting.
+    # Rank 0 plans (selection reads every sample's metadata), hashes the weights and
+    # reads the partial output, before any rank writes; every rank gets the same
+    # plan, and an error (a resume mismatch too) reaches every rank instead of
+    # leaving them waiting. The finished batches' records stay on rank 0.
     planned: Any = None
+    state: resume.ResumeState | None = None
     if rank == 0:
         try:
-            planned = plan(cfg)
+            items, selection = plan(cfg)
+            # Identity first: a report that cannot say which weights it scored is not written.
+            identity = checkpoint_identity(cfg.checkpoint)
+            state = resume.prepare(cfg, items, identity, restart=cfg.restart)
+            planned = (items, selection, sorted(state.done), state.attempt)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             planned = exc
     planned = _broadcast(planned, world)
     if isinstance(planned, Exception):
         raise planned
-    items, selection = planned
-    mine = rank_slice(items, rank, world, cfg.batch_size)
-    # Identity first: a report that cannot say which weights it scored is not written.
-    identity = checkpoint_identity(cfg.checkpoint) if rank == 0 else None
+    items, selection, done, attempt = planned
+    starts = resume.split_starts(resume.remaining_starts(len(items), cfg.batch_size, done), rank, world)
+    mine = resume.items_of(items, starts, cfg.batch_size)
     model, tokenizer, fmt = load_model(cfg)
     t_load, c_load = time.perf_counter(), time.process_time()
     scorer = Scorer(model, cfg, dev, tokenizer)
-    perturbed: list[dict[str, Any]] = []
-    rows, failures = score_items(scorer, mine, ImageProcessor(model.config), cfg,
-                                 show_progress=cfg.progress and rank == 0, perturbed=perturbed)
+    writer = resume.PartialWriter(resume.partial_dir(cfg.out), attempt, rank, world, items, cfg.batch_size)
+    try:
+        rows, _ = score_items(scorer, mine, ImageProcessor(model.config), cfg,
+                              show_progress=cfg.progress and rank == 0, perturbed=[], on_batch=writer)
+    finally:
+        writer.close()
     t_gen, c_gen = time.perf_counter(), time.process_time()
     css = (CSSScorer(cfg.css_model, device=str(dev), batch_size=cfg.css_batch_size,
                      embed_empty=cfg.protocol == "reference") if cfg.css_model else None)
-    add_text_scores(rows, css)
+    add_text_scores(rows, css)  # the writer's records hold these same row objects
     t_text, c_text = time.perf_counter(), time.process_time()
     # CPU seconds next to wall seconds: on a shared machine they show the work
     # each rank did even when ranks competed for cores.
     timing = {"rank": rank, "images": len(mine), "load_s": t_load - t0, "generate_s": t_gen - t_load,
               "text_metrics_s": t_text - t_gen, "generate_cpu_s": c_gen - c_load,
               "text_metrics_cpu_s": c_text - c_gen, "scored": scorer.images, "forwards": scorer.forwards}
-    gathered = _gather((rows, failures, timing, perturbed), rank, world)
+    gathered = _gather((writer.records, timing), rank, world)
     if rank != 0:
         return None
-    all_rows = [r for g in gathered for r in g[0]]
-    all_failures = [f for g in gathered for f in g[1]]
+    earlier = list(state.done.values())
+    add_text_scores([r for rec in earlier for r in rec.rows], css)
+    all_rows, all_failures, perturbed, _, _ = resume.merge(earlier + [r for g in gathered for r in g[0]])
     run = {"world_size": world, "backend": info.backend, "device": str(dev), "checkpoint_format": fmt,
-           "seconds": time.perf_counter() - t0, "per_rank": [g[2] for g in gathered],
-           "images_per_s_scoring": len(items) / max(max(g[2]["generate_s"] for g in gathered), 1e-9),
-           "forwards_per_image": forwards_per_image([g[2] for g in gathered])}
+           "seconds": time.perf_counter() - t0, **run_counts([g[1] for g in gathered], earlier)}
     results = write_report(cfg.out, all_rows, expected_counts(items), all_failures, identity,
                            cfg.to_dict(), plots=cfg.plots,
                            extra={"run": run, "protocol": cfg.protocol_record(), "selection": selection},
-                           perturbed=[r for g in gathered for r in g[3]])
+                           perturbed=perturbed)
     log_eval(cfg, results, all_rows)
     if fmt != "reference":
         refresh_model_card(cfg.checkpoint, results)
