@@ -59,6 +59,71 @@ def deepspeed_command(recipe: str, overrides: list[str], num_ranks: int = 2,
             "--master_port", str(master_port or free_port()), TRAIN_SCRIPT, "--config", recipe, *overrides]
 
 
+class TrainingJob:
+    """One `deepspeed` training job started in the background, in its own
+    process group (so a test can signal the launcher alone, the whole group, or
+    one rank, the way a user, SLURM or a crashing node would). Output streams
+    into `log_path` (and to the console with echo=True)."""
+
+    def __init__(self, recipe: str, overrides: list[str], log_path: str, num_ranks: int = 2,
+                 env: dict | None = None, echo: bool = False):
+        self.cmd = deepspeed_command(recipe, overrides, num_ranks)
+        self.log_path = log_path
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        self.started = time.monotonic()
+        self._log = open(log_path, "w", encoding="utf-8")
+        self._log.write("$ " + " ".join(self.cmd) + "\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env or cpu_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self._echo = echo
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+
+    def _copy_output(self) -> None:
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+            if self._echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    @property
+    def pid(self) -> int:
+        """The `deepspeed` runner's pid (also the process group id)."""
+        return self.proc.pid
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the runner's process group (the launcher, its node launcher and the ranks)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The runner's exit status; on timeout the whole group is killed and TimeoutError raised."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            self.proc.wait()
+            self._finish()
+            raise TimeoutError(f"deepspeed training did not finish within {timeout:.0f}s; log {self.log_path}")
+        self._finish()
+        return rc
+
+    def _finish(self) -> None:
+        self._pump.join(timeout=30)
+        self._log.close()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
 def run_training(recipe: str, overrides: list[str], log_path: str, num_ranks: int = 2,
                  timeout: float | None = None, env: dict | None = None, echo: bool = False) -> float:
     """Run one training job to completion; returns its wall time in seconds.
@@ -66,46 +131,16 @@ def run_training(recipe: str, overrides: list[str], log_path: str, num_ranks: in
     Output goes to `log_path` (and to the console with echo=True); a non-zero
     exit raises with the log's tail, so a failure is never silent.
     """
-    cmd = deepspeed_command(recipe, overrides, num_ranks)
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    t0 = time.monotonic()
-    timed_out = threading.Event()
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        # Own process group: a timeout ends the launcher and every rank it started.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env or cpu_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
-
-        def kill() -> None:
-            timed_out.set()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout, kill) if timeout else None
-        if timer:
-            timer.start()
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-            rc = proc.wait()
-        finally:
-            if timer:
-                timer.cancel()
-            if proc.poll() is None:
-                kill()
-    if timed_out.is_set():
-        raise TimeoutError(f"deepspeed training did not finish within {timeout:.0f}s; log {log_path}")
-    elapsed = time.monotonic() - t0
+    job = TrainingJob(recipe, overrides, log_path, num_ranks=num_ranks, env=env, echo=echo)
+    try:
+        rc = job.wait(timeout)
+    finally:
+        if job.proc.poll() is None:
+            job.kill_group()
+    elapsed = job.elapsed()
     if rc != 0:
-        with open(log_path, encoding="utf-8") as f:
-            tail = f.read()[-6000:]
-        raise RuntimeError(f"deepspeed training exited with {rc} after {elapsed:.0f}s; log {log_path}:\n{tail}")
+        raise RuntimeError(f"deepspeed training exited with {rc} after {elapsed:.0f}s; log {log_path}:\n"
+                           f"{job.log()[-6000:]}")
     return elapsed
 
 
