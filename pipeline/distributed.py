@@ -225,6 +225,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on some rank (one all-reduce; every rank gets the same answer)."""
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device())
+    return bool(all_reduce_sum(t).item() > 0)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     if not torch.distributed.is_initialized():
         return [obj]

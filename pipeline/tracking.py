@@ -158,6 +158,15 @@ class Tracker:
             log.warning("W&B use_artifact failed: %s", e)
             return False
 
+    def mark_preempting(self) -> None:
+        """Tell W&B the run is being preempted (it shows as preempted, not crashed, and is resumed later)."""
+        if self.run is None:
+            return
+        try:
+            self.run.mark_preempting()
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B mark_preempting failed: %s", e)
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return

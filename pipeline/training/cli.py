@@ -35,6 +35,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # Before torch starts any thread: threads and loader workers inherit the mask,
+    # so the stop signals reach only the thread that waits for them
+    # (pipeline/training/preemption.py; preemption.enabled=false unblocks them).
+    from pipeline.training.preemption import block_signals
+
+    block_signals()
     args = parse_args(argv)
     from pipeline.input_paths import check_train_inputs
     from pipeline.training.config import ConfigError, load_train_config

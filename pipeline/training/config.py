@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,6 +37,7 @@ from pipeline.training.config_sections import (  # noqa: F401
     OptimConfig,
     OutputLockConfig,
     PerfConfig,
+    PreemptionConfig,
     LoopConfig,
     TokenizerConfig,
     TrainConfigError,
@@ -77,6 +79,8 @@ class TrainConfig:
     """Peak FLOP/s of a device, for the model FLOPs utilisation (perf/mfu)."""
     output_lock: OutputLockConfig = field(default_factory=OutputLockConfig)
     """One run per output_dir (<output_dir>/run.lock)."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Stop on a signal, a vanished launcher or a STOP file, with a checkpoint (exit status 75)."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss: stop naming the step and batch keys, or skip the micro-batch."""
     distributed_timeout_s: float = 1800.0
@@ -237,6 +241,17 @@ def _check_train(c: TrainConfig) -> None:
     if c.output_lock.refresh_s <= 0 or c.output_lock.stale_after_s <= 2 * c.output_lock.refresh_s:
         bad("output_lock.stale_after_s", f"must exceed 2 x output_lock.refresh_s (> 0); got "
             f"{c.output_lock.stale_after_s} and {c.output_lock.refresh_s}")
+    p = c.preemption
+    unknown = [n for n in p.signals if n not in signal.Signals.__members__]
+    if unknown or not p.signals and p.enabled:
+        bad("preemption.signals", f"must name signals of Python's signal module (e.g. SIGTERM, SIGUSR1); "
+            f"got {list(p.signals)}" + (f" ({unknown} unknown)" if unknown else ""))
+    if "SIGKILL" in p.signals or "SIGSTOP" in p.signals:
+        bad("preemption.signals", "SIGKILL and SIGSTOP cannot be caught")
+    if not (p.grace_s >= 0 and math.isfinite(p.grace_s)):
+        bad("preemption.grace_s", f"must be a finite number of seconds >= 0 (0: no limit), got {p.grace_s}")
+    if not (p.poll_s > 0 and math.isfinite(p.poll_s)):
+        bad("preemption.poll_s", f"must be a finite number of seconds > 0, got {p.poll_s}")
     if k.space_margin < 0:
         bad("checkpoint.space_margin", f"must be >= 0 (0 disables the free-space checks), got {k.space_margin}")
     if not (c.distributed_timeout_s > 0 and math.isfinite(c.distributed_timeout_s)):

@@ -174,3 +174,38 @@ class OutputLockConfig:
     died on another node); must exceed 2 x refresh_s. A holder on the same host is
     checked directly (its pid), so a killed run's lock is taken over at once."""
 
+
+
+@dataclass
+class PreemptionConfig:
+    """Stopping on request with a checkpoint (pipeline/training/preemption.py).
+
+    A stop request is one of `signals` reaching a rank (the launcher, the process
+    group or the rank itself), the launcher that started the ranks going away,
+    or a file `<output_dir>/STOP` appearing. Every rank then finishes its
+    current optimizer step (the request travels in the step's all-reduce, so
+    all ranks stop after the same step), a complete checkpoint of that step is
+    written, rank 0 writes `<output_dir>/PREEMPTED`, and every rank exits with
+    status 75 ("preempted, resumable": continue with checkpoint.resume=auto)."""
+
+    enabled: bool = True
+    """Handle stop requests; false leaves the signals' default actions (no save)."""
+    signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    """Signals that request a stop (names of Python's signal module). SLURM's
+    `--signal=USR1@120` sends SIGUSR1 ahead of the time limit."""
+    grace_s: float = 120.0
+    """Seconds from the request to the end of the checkpoint: a rank still busy
+    then exits with status 75 anyway, logging that the save did not complete (the
+    newest complete checkpoint is still resumable). 0: no limit. Under DeepSpeed's
+    node launcher a signal that reaches the launcher (Ctrl-C, a SIGTERM to the
+    process group) is followed by its own SIGKILL 30 s later, whatever this says."""
+    watch_launcher: bool = True
+    """Treat the end of the launcher as a stop request: the rank's parent (the
+    node launcher) and, under DeepSpeed's node launcher, the `deepspeed` runner
+    above it, recorded with their start times at start-up."""
+    stop_file: bool = True
+    """Treat a file `<output_dir>/STOP` newer than the run's start as a stop
+    request (a shared file system reaches every node; launch/slurm.example.sh
+    touches it from its SIGUSR1 trap). A resumed run removes an older one."""
+    poll_s: float = 2.0
+    """Seconds between two looks at the launcher and the STOP file."""

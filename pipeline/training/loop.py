@@ -77,6 +77,9 @@ class MicroStats:
     """Ranks whose loss was not finite (0 or 1 on one rank)."""
     data_wait_s: float = 0.0
     """Seconds spent waiting for the loader to yield the batch."""
+    stop_requested: float = 0.0
+    """Ranks with a stop request (pipeline/training/preemption.py): carried by the
+    same all-reduce, so every rank leaves the loop after the same optimizer step."""
 
     def to_tensor(self, device: torch.device | None = None) -> torch.Tensor:
         """The fields as one tensor; `device`: where the collective wants it (NCCL: the GPU)."""
@@ -192,9 +195,11 @@ def _output_sum(out: Any, name: str) -> float:
     return 0.0 if v is None else float(v.detach().double().sum())
 
 
-def micro_stats(out: Any, batch: dict, image_tokens: int, data_wait_s: float = 0.0) -> MicroStats:
+def micro_stats(out: Any, batch: dict, image_tokens: int, data_wait_s: float = 0.0,
+                stop_requested: bool = False) -> MicroStats:
     """This rank's statistics of one micro-batch (all-reduced by the caller);
-    data_wait_s: how long this rank waited for the loader to yield it."""
+    data_wait_s: how long this rank waited for the loader to yield it;
+    stop_requested: whether this rank has a stop request."""
     loss = out.loss.detach().float()
     finite = bool(torch.isfinite(loss))
     n, width = batch["input_ids"].shape
@@ -208,12 +213,12 @@ def micro_stats(out: Any, batch: dict, image_tokens: int, data_wait_s: float = 0
                       samples=float(n), tokens=float(lengths.sum()), tokens_sq=float((lengths * lengths).sum()),
                       positions=float(n * (width + image_tokens - 1)),
                       bad_samples=float(batch.get("bad_samples", 0) or 0), nonfinite=0.0 if finite else 1.0,
-                      data_wait_s=data_wait_s)
+                      data_wait_s=data_wait_s, stop_requested=1.0 if stop_requested else 0.0)
 
 
 def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulator, *, rank: int,
                       seed: int, policy: str, dtype: torch.dtype, image_tokens: int,
-                      data_wait_s: float = 0.0) -> bool:
+                      data_wait_s: float = 0.0, stop_requested: bool = False) -> bool:
     """One micro-batch. Returns True when it completed an optimizer step.
 
     The finite check is agreed on by all ranks (one all-reduce that also
@@ -222,7 +227,7 @@ def train_micro_batch(engine, batch: dict, state: TrainState, acc: StepAccumulat
     """
     torch.manual_seed(step_seed(seed, rank, state.global_step, acc.micro))
     out = engine(**model_inputs(batch, dist.device(), dtype))
-    mine = micro_stats(out, batch, image_tokens, data_wait_s)
+    mine = micro_stats(out, batch, image_tokens, data_wait_s, stop_requested)
     stats = MicroStats.from_tensor(dist.all_reduce_sum(mine.to_tensor(dist.device())))
     if stats.nonfinite > 0:
         keys = dist.all_gather_objects(list(batch.get("keys", [])))
@@ -354,6 +359,9 @@ class LoopContext:
     """The model's training FLOPs (modeling.flops.step_flops); None: no FLOPs metrics."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device (device_peak_flops); None: perf/mfu is not logged."""
+    stop_requested: Callable[[], bool] = lambda: False
+    """This rank's stop request (preemption.StopRequests.requested), read at every
+    micro-batch; the loop ends after the first optimizer step in which any rank had one."""
 
     @property
     def end_step(self) -> int:
@@ -361,10 +369,13 @@ class LoopContext:
 
 
 def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
-    """Train until state.global_step reaches ctx.end_step."""
+    """Train until state.global_step reaches ctx.end_step, or until the end of
+    the optimizer step in which some rank requested a stop (all ranks see the
+    same summed request, so they all leave after that step)."""
     engine.train()
     acc = StepAccumulator()
-    while state.global_step < ctx.end_step:
+    stopping = False
+    while state.global_step < ctx.end_step and not stopping:
         if state.batch_in_epoch >= ctx.batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         opened = time.perf_counter()
@@ -372,7 +383,8 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
             state.batch_in_epoch += 1
             stepped = train_micro_batch(engine, batch, state, acc, rank=ctx.rank, seed=ctx.seed,
                                         policy=ctx.nonfinite, dtype=ctx.dtype,
-                                        image_tokens=ctx.image_tokens, data_wait_s=wait)
+                                        image_tokens=ctx.image_tokens, data_wait_s=wait,
+                                        stop_requested=ctx.stop_requested())
             if not stepped:
                 continue
             state.global_step += 1
@@ -386,10 +398,14 @@ def run_loop(engine, state: TrainState, ctx: LoopContext) -> TrainState:
                     check_metrics(metrics, state.global_step)
             elif ctx.progress is not None:
                 ctx.progress.update(1)
+            # Summed over ranks and micro-batches: > 0 when any rank had a request in this step.
+            stopping = acc.sums.stop_requested > 0
             acc = StepAccumulator()
             if should_checkpoint(state.global_step, ctx.checkpoint_every, ctx.end_step):
                 ctx.save(state)
-            if state.global_step >= ctx.end_step:
+            if stopping and ctx.rank == 0:
+                log.warning("leaving the training loop after step %d: a stop was requested", state.global_step)
+            if stopping or state.global_step >= ctx.end_step:
                 break
         else:
             # The epoch's batches are exhausted; the next pass of the while opens the next epoch.

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 
 import torch
@@ -19,6 +20,7 @@ from pipeline import distributed as dist
 from pipeline.training.config import TrainConfig
 from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
+from pipeline.training import preemption
 from pipeline.training.loop import CpmWatch, LoopContext, device_peak_flops, run_loop
 from pipeline.training.lr_schedule import build_schedule
 
@@ -129,6 +131,33 @@ def write_run_files(cfg: TrainConfig, ds_config: dict) -> None:
 
 # --------------------------------------------------------------------------- the run
 
+def stop_with_checkpoint(cfg: TrainConfig, info: dist.DistInfo, state: ckpt.TrainState,
+                         stops: preemption.StopRequests, save, tracker, total: int) -> None:
+    """Every rank, after the loop left on a stop request: a complete checkpoint of
+    this step (unless the loop just wrote one), rank 0's PREEMPTED marker, then
+    Preempted (exit status 75). The export is left to the resumed run."""
+    tag = ckpt.tag_for(state.global_step)
+    if not ckpt.is_complete(cfg.checkpoint_dir, tag):
+        save(state)
+    reasons = dist.all_gather_objects(stops.reason)
+    path = os.path.join(cfg.checkpoint_dir, tag)
+    if info.is_main:
+        requested = {r: why for r, why in enumerate(reasons) if why}
+        marker = preemption.write_marker(cfg.output_dir, {
+            "step": state.global_step, "total_steps": total, "checkpoint": path,
+            "complete": ckpt.is_complete(cfg.checkpoint_dir, tag), "samples_seen": state.samples_seen,
+            "requested_by_rank": requested})
+        tracker.summary({"preempted/global_step": state.global_step})
+        tracker.mark_preempting()
+        log.warning("stopped at step %d of %d with a complete checkpoint %s (requested: %s); wrote %s. Exit "
+                    "status %d; continue with checkpoint.resume=auto (--resume auto)", state.global_step, total,
+                    path, requested, marker, preemption.EXIT_PREEMPTED)
+    dist.barrier()  # the marker is there before any rank exits (the launcher then ends the others)
+    stops.done()
+    raise preemption.Preempted(f"stopped at step {state.global_step} with the checkpoint {path} "
+                               f"({stops.reason or 'requested by another rank'})")
+
+
 def resolve_resume_everywhere(cfg: TrainConfig, info: dist.DistInfo) -> ckpt.ResumePoint | None:
     """Rank 0 decides what to resume from, so that every rank loads the same tag
     even if a save lands on the file system while the others look. It runs before
@@ -181,27 +210,50 @@ def take_output_lock(cfg: TrainConfig, info: dist.DistInfo):
 def train(cfg: TrainConfig) -> dict:
     """Run training on every rank; returns a summary (rank 0's is complete).
 
-    Raises RunLocked (exit status 2) when another run holds output_dir."""
-    t_start = time.monotonic()
+    Raises RunLocked (exit status 2) when another run holds output_dir, and
+    Preempted (exit status 75) when it stopped on request with a checkpoint."""
+    t_start, wall_start = time.monotonic(), time.time()
+    # Before the process group exists, so that no thread of gloo/NCCL receives the stop signals.
+    stops = start_stop_requests(cfg)
     info = dist.init_distributed(cfg.distributed_timeout_s)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"[rank{info.rank}] %(asctime)s %(name)s: %(message)s")
     # WARNING, so that every rank's log places it in the job (non-main ranks log
     # warnings only): node, host and pid per global rank.
     log.warning("%s", dist.rank_banner(info))
+    if stops is not None:
+        stops.rank = info.rank
     lock = take_output_lock(cfg, info)
     try:
-        return _train(cfg, info, t_start)
+        if info.is_main:
+            for path in preemption.clear_previous(cfg.output_dir, wall_start):
+                log.info("removed %s of the previous run", path)
+        return _train(cfg, info, t_start, stops)
     finally:
         if lock is not None:
             lock.release()
+        if stops is not None:
+            stops.close()
 
 
-def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
+def start_stop_requests(cfg: TrainConfig) -> preemption.StopRequests | None:
+    """This rank's stop requests (preemption.enabled), or None with the stop
+    signals given back their default action."""
+    if not cfg.preemption.enabled:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signal_numbers(preemption.DEFAULT_SIGNALS))
+        return None
+    return preemption.StopRequests.from_config(cfg.preemption, rank=int(os.environ.get("RANK", "0"))).start()
+
+
+def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
+           stops: preemption.StopRequests | None = None) -> dict:
     from pipeline.data import batches_per_epoch, make_train_loader, stream_identity
     from modeling.image_processing import ImageProcessor
 
     resume = resolve_resume_everywhere(cfg, info)
+    if stops is not None and cfg.preemption.stop_file:
+        # After the broadcast above: rank 0 has removed an older STOP file by now.
+        stops.watch_stop_file(os.path.join(cfg.output_dir, preemption.STOP_FILE))
     ds_config = dist.resolve_deepspeed_config(cfg, info.world_size)
     if resume is not None and resume.universal:
         dist.enable_universal_load(ds_config)
@@ -262,6 +314,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
 
     # run_info.json records the run's group for the evaluations of its export
     # (pipeline/evaluation/wandb_log.py).
+    # The W&B service inherits the blocked stop signals: a SIGTERM to the process group
+    # leaves it alive to record the stop's last step; rank 0's finish() ends it.
     tracker = start_train_tracking(cfg.wandb, cfg.wandb_dir, cfg.to_dict(), cfg.output_dir, is_main=info.is_main,
                                    run_id=state.wandb_run_id)
     state.wandb_run_id = dist.broadcast_object(tracker.run_id if info.is_main else None)
@@ -310,7 +364,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
                       cpm_watch=CpmWatch(enabled=cfg.model.cpm.enabled and cfg.model.cpm.weight > 0,
                                          prefix=cfg.model.cpm.resolved_prefix,
                                          abort_after_steps=cfg.cpm_check.abort_after_steps),
-                      flops=flops, peak_flops=peak_flops)
+                      flops=flops, peak_flops=peak_flops,
+                      stop_requested=(lambda: stops.requested) if stops is not None else (lambda: False))
     t_loop = time.monotonic()
     start_step = state.global_step
     exit_code = 1
@@ -319,6 +374,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float) -> dict:
         if progress is not None:
             progress.close()
         loop_s = time.monotonic() - t_loop
+        if stops is not None and dist.any_rank(stops.requested):
+            exit_code = preemption.EXIT_PREEMPTED
+            stop_with_checkpoint(cfg, info, state, stops, save, tracker, total)
         final_tag = None
         if ckpt.needs_final_save(cfg.checkpoint_dir, state.global_step, cfg.checkpoint.save_final):
             save(state)
