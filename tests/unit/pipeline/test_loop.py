@@ -367,3 +367,29 @@ def test_perf_config_is_validated_naming_the_field():
         load_train_config(tiny, ["perf.peak_tflops=0"])
     with pytest.raises(TrainConfigError, match=r"perf\.gpu='B9000': must be one of \['auto', 'B200'"):
         load_train_config(tiny, ["perf.gpu=B9000"])
+
+
+def test_a_stop_request_ends_the_loop_after_the_step_it_arrived_in():
+    """The request read at a micro-batch travels in that micro-batch's stats; the
+    loop finishes the optimizer step (both micro-batches) and leaves after it,
+    with the periodic save of that step still made."""
+    from pipeline.training.loop import LoopContext, run_loop
+
+    calls = {"n": 0}
+
+    def requested() -> bool:  # true from the 5th micro-batch on: step 3's first one
+        calls["n"] += 1
+        return calls["n"] >= 5
+
+    saved, logged = [], []
+    tracker = types.SimpleNamespace(log=lambda metrics, step: logged.append(step))
+    ctx = LoopContext(make_loader=lambda e, b: [batch() for _ in range(b, 40)], batches_per_epoch=40,
+                      total_steps=10, rank=0, world_size=1, seed=1, nonfinite="stop", dtype=torch.float32,
+                      image_tokens=16, log_every=1, checkpoint_every=3, save=lambda s: saved.append(s.global_step),
+                      tracker=tracker, metrics_file=None, stop_requested=requested)
+    state = run_loop(StandInEngine(accum=2), TrainState(), ctx)
+    assert state.global_step == 3 and state.batch_in_epoch == 6
+    assert logged == [1, 2, 3] and saved == [3]
+    # Without a request the same loop runs to the end.
+    state = run_loop(StandInEngine(accum=2), TrainState(), dataclasses.replace(ctx, stop_requested=lambda: False))
+    assert state.global_step == 10
