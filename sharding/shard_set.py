@@ -34,6 +34,7 @@ from .dir_lock import LOCK_FILE, DirLock, OutputLocked  # noqa: F401 - OutputLoc
 from .dir_lock import acquire as acquire_dir_lock
 from .tar_writer import (BLOCK, Rejection, ShardJob, ShardResult, ShardSample, jobs_fingerprint,
                          shard_name, write_shard)
+from .worker_pool import start_pool
 
 STATE_DIR = ".sharder"
 
@@ -312,7 +313,7 @@ def _run_jobs(todo: list[ShardJob], state: str, opts: ShardOptions,
                 ctx, fn, items = mp.get_context("fork"), _write_forked, range(len(todo))
             else:
                 ctx = mp.get_context()
-            pool = ctx.Pool(min(opts.workers, len(todo)))
+            pool = start_pool(ctx, min(opts.workers, len(todo)))
         if opts.progress and total:
             from tqdm import tqdm  # imported only when shown: a visible share of start-up
 

@@ -38,9 +38,27 @@ def main(argv=None) -> int:
     # Before torch starts any thread: threads and loader workers inherit the mask,
     # so the stop signals reach only the thread that waits for them
     # (pipeline/training/preemption.py; preemption.enabled=false unblocks them).
-    from pipeline.training.preemption import block_signals
+    # Only a run that trains keeps them blocked to its exit; --check, a bad
+    # config or --help give the caller its mask back (tests call main in-process).
+    from pipeline.training.preemption import block_signals, restore_signal_mask
 
-    block_signals()
+    previous_mask = block_signals()
+    try:
+        checked = _checked_config(argv)
+    except BaseException:  # --help and argparse errors exit through here
+        restore_signal_mask(previous_mask)
+        raise
+    if isinstance(checked, int):
+        restore_signal_mask(previous_mask)
+        return checked
+    from pipeline.training.run import train
+
+    train(checked)
+    return 0
+
+
+def _checked_config(argv):
+    """The validated config; or the exit status: 0 after --check, 2 on a config error."""
     args = parse_args(argv)
     from pipeline.input_paths import check_train_inputs
     from pipeline.training.config import ConfigError, load_train_config
@@ -59,10 +77,7 @@ def main(argv=None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from pipeline.training.run import train
-
-    train(cfg)
-    return 0
+    return cfg
 
 
 if __name__ == "__main__":

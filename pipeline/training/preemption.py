@@ -68,10 +68,16 @@ def signal_numbers(names: Iterable[str]) -> set[int]:
     return {int(signal.Signals[n]) for n in names}
 
 
-def block_signals(names: Iterable[str] = DEFAULT_SIGNALS) -> None:
-    """Block `names` in the calling thread; threads and processes it starts later
-    inherit the mask. The training entry point calls this before importing torch."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, signal_numbers(names))
+def block_signals(names: Iterable[str] = DEFAULT_SIGNALS) -> set[int]:
+    """Block `names` in the calling thread and return the previous mask; threads
+    and processes it starts later inherit the mask. The training entry point
+    calls this before importing torch."""
+    return set(signal.pthread_sigmask(signal.SIG_BLOCK, signal_numbers(names)))
+
+
+def restore_signal_mask(previous: Iterable[int]) -> None:
+    """Set the calling thread's mask back to `previous` (block_signals' result)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set(previous))
 
 
 class Preempted(SystemExit):
@@ -194,6 +200,7 @@ class StopRequests:
         self._timer: threading.Timer | None = None
         self._threads: list[threading.Thread] = []
         self._old_handlers: dict[int, object] = {}
+        self._mask_before: set[int] | None = None
         self._watched: list[WatchedProcess] = []
         self._stop_file: str | None = None
 
@@ -246,6 +253,7 @@ class StopRequests:
     def start(self) -> "StopRequests":
         """Install the signal thread and handlers and (watch_launcher) record the launcher."""
         nums = signal_numbers(self.signals)
+        self._mask_before = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
         # Signals blocked earlier (launch/train.py) but not configured get their default action back.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(DEFAULT_SIGNALS) - nums)
         signal.pthread_sigmask(signal.SIG_BLOCK, nums)
@@ -288,10 +296,13 @@ class StopRequests:
             if self._stop_file is not None and os.path.exists(self._stop_file):
                 self.request(f"{self._stop_file} exists")
 
-    def close(self, restore: bool = False) -> None:
+    def close(self, restore: bool = True) -> None:
         """Stop the threads and the timer. restore: also give the signals their
-        previous handlers and unblock them (tests; a run keeps them to its exit,
-        so that the launcher's SIGTERM after the save cannot kill a rank mid-exit)."""
+        previous handlers and the thread its mask from before start(). Under the
+        training entry point that mask has the stop signals blocked already
+        (cli.main), so a run keeps them blocked to its exit and the launcher's
+        SIGTERM after the save cannot kill a rank mid-exit; an in-process
+        caller (a test, a notebook) gets its signal state back unchanged."""
         self._closing.set()
         self.done()
         for t in self._threads:
@@ -301,4 +312,5 @@ class StopRequests:
             for n, h in self._old_handlers.items():
                 signal.signal(n, h)
             self._old_handlers.clear()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(self.signals))
+            if self._mask_before is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, self._mask_before)

@@ -213,18 +213,22 @@ def train(cfg: TrainConfig) -> dict:
     Raises RunLocked (exit status 2) when another run holds output_dir, and
     Preempted (exit status 75) when it stopped on request with a checkpoint."""
     t_start, wall_start = time.monotonic(), time.time()
+    # The caller's mask comes back at the end (an in-process caller's signals
+    # must not stay blocked; under cli.main it has them blocked already).
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     # Before the process group exists, so that no thread of gloo/NCCL receives the stop signals.
     stops = start_stop_requests(cfg)
-    info = dist.init_distributed(cfg.distributed_timeout_s)
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format=f"[rank{info.rank}] %(asctime)s %(name)s: %(message)s")
-    # WARNING, so that every rank's log places it in the job (non-main ranks log
-    # warnings only): node, host and pid per global rank.
-    log.warning("%s", dist.rank_banner(info))
-    if stops is not None:
-        stops.rank = info.rank
-    lock = take_output_lock(cfg, info)
+    lock = None
     try:
+        info = dist.init_distributed(cfg.distributed_timeout_s)
+        logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                            format=f"[rank{info.rank}] %(asctime)s %(name)s: %(message)s")
+        # WARNING, so that every rank's log places it in the job (non-main ranks log
+        # warnings only): node, host and pid per global rank.
+        log.warning("%s", dist.rank_banner(info))
+        if stops is not None:
+            stops.rank = info.rank
+        lock = take_output_lock(cfg, info)
         if info.is_main:
             for path in preemption.clear_previous(cfg.output_dir, wall_start):
                 log.info("removed %s of the previous run", path)
@@ -234,6 +238,7 @@ def train(cfg: TrainConfig) -> dict:
             lock.release()
         if stops is not None:
             stops.close()
+        preemption.restore_signal_mask(mask_before)
 
 
 def start_stop_requests(cfg: TrainConfig) -> preemption.StopRequests | None:

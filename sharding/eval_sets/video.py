@@ -56,6 +56,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from .common import LABEL_FOLDERS, STAGING_DIR, BenchmarkScan, ext_of, stage_bytes, walk_files
+from ..worker_pool import start_pool
 
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "avi", "mov", "mkv", "webm", "m4v")
 VIDEO_LABEL_FOLDERS: dict[str, int] = {
@@ -204,7 +205,7 @@ def scan_video(src: str, benchmark: str, out_dir: str, fps: float = 1.0, max_fra
                               split_videos_missing=missing)
     bar = tqdm(total=len(jobs), unit="video", desc="frames", disable=not progress or not jobs)
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    pool = ctx.Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    pool = start_pool(ctx, workers) if workers > 1 and len(jobs) > 1 else None
     try:
         results = pool.imap(_job, jobs) if pool else map(_job, jobs)
         for rel, frames, error in results:  # in job order: deterministic

@@ -27,6 +27,7 @@ from sharding.schema import GENERATORS
 from sharding.synthetic.annotations import build_attributes, build_records, scene_context
 from sharding.synthetic.styles import EVAL_STYLES, FORMAT_EXTENSIONS, TRAIN_STYLES
 from sharding.synthetic.traces import render_image
+from sharding.worker_pool import start_pool
 
 # Entries of the output directory this generator owns (and --overwrite removes).
 MANAGED_ENTRIES: tuple[str, ...] = ("diffusiondb", "laion", "evaluation_sets", "forgery_reasoning_cot.json")
@@ -291,7 +292,7 @@ def generate_from_config(config: SyntheticConfig) -> SyntheticSummary:
         # (torch, tqdm), and forking a threaded process can deadlock. Results
         # come back in job order; no byte written depends on that order.
         ctx = multiprocessing.get_context("forkserver")
-        with ctx.Pool(config.workers) as pool:
+        with start_pool(ctx, config.workers) as pool:
             for result in pool.imap(_run_job, args, chunksize=32):
                 results.append(result)
                 bar.update()

@@ -37,7 +37,7 @@ def stops():
         return s
 
     yield make
-    for s in made:
+    for s in reversed(made):  # each restores the state from before its start()
         s.close(restore=True)
 
 
