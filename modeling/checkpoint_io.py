@@ -210,7 +210,7 @@ def ensure_materialised(model: nn.Module, names) -> None:
 
     A parameter that ZeRO-3 partitioned and has not gathered is one (DeepSpeed
     empties its data on every rank). Checked by what the tensor holds, not by
-    DeepSpeed's own attributes, which only pipeline/distributed.py reads.
+    DeepSpeed's own attributes, which only pipeline/distributed/ reads.
     """
     params = dict(model.named_parameters())
     bad = [n for n in names if n in params and params[n].numel() == 0]

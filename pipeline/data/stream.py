@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
 from collections import Counter
 from typing import Any, Callable, Iterator
@@ -30,6 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..process_signals import exit_on_the_parents_sigterm
 from .config import DataConfig
 from .plan import (RefShuffle, WorkerId, batches_per_rank, group_window, input_refs, logical_worker,
                    seeded_rng, shard_visits, use_resampled, window_start, worker_batch_count,
@@ -299,36 +298,12 @@ def _identity(batch: dict) -> dict:
     return batch
 
 
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
-
-
-def _exit_on_the_parents_sigterm() -> None:
-    """A worker forked by a rank that blocks the stop signals (pipeline/training/
-    preemption.py) inherits the mask, so a SIGTERM to the process group cannot kill
-    it in the middle of the rank's checkpoint. The rank itself must still be able to
-    end it: torch's loader shutdown and multiprocessing's exit handler SIGTERM their
-    workers and wait for them, and would wait forever. So a thread takes the blocked
-    signals and exits on a SIGTERM sent by the parent only; others are dropped."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    mine = _STOP_SIGNALS & set(blocked)
-    if signal.SIGTERM not in mine:
-        return  # the default action is in place
-    parent = os.getppid()
-
-    def wait() -> None:
-        while True:
-            info = signal.sigtimedwait(mine, 5.0)
-            if info is not None and info.si_signo == signal.SIGTERM and info.si_pid == parent:
-                os._exit(128 + signal.SIGTERM)
-
-    threading.Thread(target=wait, name="loader-worker-sigterm", daemon=True).start()
-
-
 def _worker_init(_: int) -> None:
     # Loader workers run one sample at a time; intra-op threads only oversubscribe cores.
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _exit_on_the_parents_sigterm()
+    # Inherited from a rank that blocks the stop signals: the rank must still be able to end us.
+    exit_on_the_parents_sigterm()
 
 
 def make_train_loader(cfg: DataConfig, tokenizer, image_processor, *, rank: int, world_size: int,

@@ -128,7 +128,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.tracking import WandbConfig
-    from pipeline.evaluation.config import ConfigError, EvalConfig
+    from pipeline.cli_config import checked_config
+    from pipeline.evaluation.config import EvalConfig
 
     names = [n for n, _ in args.benchmark]
     if len(names) != len(set(names)):
@@ -146,16 +147,9 @@ def main(argv=None) -> int:
                           dir=args.wandb_dir, tags=["eval"]),
         wandb_samples=args.wandb_samples, progress=not args.no_progress, perturb=list(args.perturb),
         calibrate_on=args.calibrate_on, face_crop=args.face_crop, restart=args.restart)
-    try:
-        cfg.validate()  # types, values and every input path
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.check:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return 0
+    cfg = checked_config(cfg.validate, args.check)  # types, values and every input path
+    if isinstance(cfg, int):
+        return cfg
     from pipeline.evaluation.resume import ResumeMismatch
     from pipeline.evaluation.runner import run_eval
 

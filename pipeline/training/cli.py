@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     # (pipeline/training/preemption.py; preemption.enabled=false unblocks them).
     # Only a run that trains keeps them blocked to its exit; --check, a bad
     # config or --help give the caller its mask back (tests call main in-process).
-    from pipeline.training.preemption import block_signals, restore_signal_mask
+    from pipeline.process_signals import block_signals, restore_signal_mask
 
     previous_mask = block_signals()
     try:
@@ -60,24 +60,20 @@ def main(argv=None) -> int:
 def _checked_config(argv):
     """The validated config; or the exit status: 0 after --check, 2 on a config error."""
     args = parse_args(argv)
+    from pipeline.cli_config import checked_config
     from pipeline.input_paths import check_train_inputs
-    from pipeline.training.config import ConfigError, load_train_config
+    from pipeline.training.config import load_train_config
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    try:
+
+    def build():
         cfg = load_train_config(args.config, overrides)
         check_train_inputs(cfg)  # every input path, for --check and at start-up alike
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.check:
-        import yaml
+        return cfg
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return 0
-    return cfg
+    return checked_config(build, args.check)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Literal
 
 from modeling.config_loading import ConfigError
 from modeling.flops import PEAK_TFLOPS
+from pipeline.process_signals import STOP_SIGNALS
 
 # The old name of the one configuration error class (modeling.config_loading).
 TrainConfigError = ConfigError
@@ -190,7 +191,7 @@ class PreemptionConfig:
 
     enabled: bool = True
     """Handle stop requests; false leaves the signals' default actions (no save)."""
-    signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    signals: tuple[str, ...] = STOP_SIGNALS
     """Signals that request a stop (names of Python's signal module). SLURM's
     `--signal=USR1@120` sends SIGUSR1 ahead of the time limit."""
     grace_s: float = 120.0

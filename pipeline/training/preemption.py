@@ -24,7 +24,7 @@ deepspeed/launcher/runner.py and launch.py), and what this module does about it:
 Signals are received by a thread in `sigtimedwait` with the stop signals
 blocked in every other thread of the rank, so no system call of gloo, NCCL or
 the loader is interrupted (EINTR) by them; the mask is set before any thread or
-loader worker exists (launch/train.py blocks them before importing torch), and
+loader worker exists (pipeline/training/cli.py blocks them before importing torch), and
 forked loader workers inherit it, so a SIGTERM to the group cannot kill them in
 the middle of the checkpoint (torch would then raise "DataLoader worker killed"
 in the rank). Processes the rank starts (the W&B service) inherit it as well:
@@ -53,6 +53,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+# The stop signals and the mask are shared with the loader workers.
+from pipeline.process_signals import STOP_SIGNALS, signal_numbers
+
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
@@ -61,25 +64,6 @@ STOP_FILE = "STOP"
 """<output_dir>/STOP: a stop request (launch/slurm.example.sh touches it)."""
 MARKER_FILE = "PREEMPTED"
 """<output_dir>/PREEMPTED: written by a stopped run (JSON), removed by the next start."""
-DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-
-
-def signal_numbers(names: Iterable[str]) -> set[int]:
-    return {int(signal.Signals[n]) for n in names}
-
-
-def block_signals(names: Iterable[str] = DEFAULT_SIGNALS) -> set[int]:
-    """Block `names` in the calling thread and return the previous mask; threads
-    and processes it starts later inherit the mask. The training entry point
-    calls this before importing torch."""
-    return set(signal.pthread_sigmask(signal.SIG_BLOCK, signal_numbers(names)))
-
-
-def restore_signal_mask(previous: Iterable[int]) -> None:
-    """Set the calling thread's mask back to `previous` (block_signals' result)."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, set(previous))
-
-
 class Preempted(SystemExit):
     """The run stopped on request (exit status 75); it continues with checkpoint.resume=auto."""
 
@@ -182,7 +166,7 @@ class StopRequests:
     arms the grace timer; done() disarms it once the stop's checkpoint is written.
     """
 
-    def __init__(self, signals: Iterable[str] = DEFAULT_SIGNALS, *, grace_s: float = 120.0,
+    def __init__(self, signals: Iterable[str] = STOP_SIGNALS, *, grace_s: float = 120.0,
                  watch_launcher: bool = True, poll_s: float = 2.0, rank: int = 0,
                  exit_now: Callable[[int], None] = os._exit):
         self.signals = tuple(signals)
@@ -255,7 +239,7 @@ class StopRequests:
         nums = signal_numbers(self.signals)
         self._mask_before = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
         # Signals blocked earlier (launch/train.py) but not configured get their default action back.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(DEFAULT_SIGNALS) - nums)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(STOP_SIGNALS) - nums)
         signal.pthread_sigmask(signal.SIG_BLOCK, nums)
         if threading.current_thread() is threading.main_thread():
             for n in nums:

@@ -17,6 +17,7 @@ import yaml
 
 from modeling.vision import torch_dtype
 from pipeline import distributed as dist
+from pipeline.process_signals import STOP_SIGNALS, restore_signal_mask, signal_numbers
 from pipeline.training.config import TrainConfig
 from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
@@ -238,14 +239,14 @@ def train(cfg: TrainConfig) -> dict:
             lock.release()
         if stops is not None:
             stops.close()
-        preemption.restore_signal_mask(mask_before)
+        restore_signal_mask(mask_before)
 
 
 def start_stop_requests(cfg: TrainConfig) -> preemption.StopRequests | None:
     """This rank's stop requests (preemption.enabled), or None with the stop
     signals given back their default action."""
     if not cfg.preemption.enabled:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signal_numbers(preemption.DEFAULT_SIGNALS))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(STOP_SIGNALS))
         return None
     return preemption.StopRequests.from_config(cfg.preemption, rank=int(os.environ.get("RANK", "0"))).start()
 

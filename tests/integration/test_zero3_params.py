@@ -1,4 +1,4 @@
-"""What pipeline/distributed.py reads from a ZeRO-3 parameter, and the checkpoint
+"""What pipeline/distributed/ reads from a ZeRO-3 parameter, and the checkpoint
 writers' refusal of one that is not gathered, against real DeepSpeed.
 
 One rank in a subprocess (a process group of its own, so the test process keeps

@@ -11,7 +11,6 @@ openai/clip-vit-large-patch14-336's preprocessor config.
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest

@@ -10,6 +10,8 @@ import sys
 import types
 from pathlib import Path
 
+import torch
+
 from pipeline import distributed as dist
 from pipeline.training.config import load_train_config
 
@@ -55,8 +57,8 @@ def test_init_distributed_hands_the_configured_timeout_to_deepspeed(monkeypatch)
     fake_accel = types.SimpleNamespace(get_accelerator=lambda: accel)
     monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
     monkeypatch.setitem(sys.modules, "deepspeed.accelerator", fake_accel)
-    monkeypatch.setattr(dist.torch.distributed, "get_rank", lambda: 0)
-    monkeypatch.setattr(dist.torch.distributed, "get_world_size", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(k, "")  # recorded, so that what init_distributed sets is undone
         monkeypatch.delenv(k)

@@ -1,6 +1,5 @@
 """Robustness sweeps: spec parsing and its errors, what each perturbation does to a
 decoded image, the loader's variants, and the sweep's tables and plot."""
-import io
 import json
 
 import pytest
