@@ -58,5 +58,5 @@ def test_terminate_returns_with_sigterm_blocked_in_the_caller(method):
 def test_a_plain_pool_hangs_in_that_state():
     # The control: without start_pool's initializer the same script never joins,
     # so the test above checks something real.
-    status, out = _run("fork", "plain", timeout=8)
+    status, out = _run("fork", "plain", timeout=5)
     assert status is None, out
