@@ -238,7 +238,7 @@ class StopRequests:
         """Install the signal thread and handlers and (watch_launcher) record the launcher."""
         nums = signal_numbers(self.signals)
         self._mask_before = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-        # Signals blocked earlier (launch/train.py) but not configured get their default action back.
+        # Signals blocked earlier (cli.main) but not configured get their default action back.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signal_numbers(STOP_SIGNALS) - nums)
         signal.pthread_sigmask(signal.SIG_BLOCK, nums)
         if threading.current_thread() is threading.main_thread():
