@@ -141,3 +141,38 @@ def test_preempted_exits_with_75():
     with pytest.raises(SystemExit) as e:
         raise preemption.Preempted("stopped")
     assert e.value.code == 75 and str(e.value) == "stopped"
+
+
+def _mask() -> set[int]:
+    return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_the_entry_point_gives_the_mask_back_unless_it_trains(tmp_path):
+    """cli.main blocks the stop signals before torch starts threads; when it ends
+    without training (a config error, --help) the caller's mask is unchanged,
+    so an in-process caller's later child processes can still be SIGTERMed."""
+    from pipeline.training.cli import main as train_main
+
+    tiny = os.path.join(os.path.dirname(__file__), "..", "..", "..", "launch", "recipes", "tiny-cpu.yaml")
+    before = _mask()
+    assert not before & preemption.signal_numbers(preemption.STOP_SIGNALS)
+    assert train_main(["--config", tiny, f"data.train_shards={tmp_path / 'absent'}"]) == 2
+    assert _mask() == before
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    assert _mask() == before
+
+
+def test_close_restores_a_mask_that_was_blocked_before_start():
+    """Under the entry point the signals are blocked before start(): close keeps
+    them blocked (a rank must not die of the launcher's SIGTERM mid-exit)."""
+    before = _mask()
+    nums = preemption.signal_numbers(preemption.STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, nums)
+    try:
+        s = StopRequests(poll_s=0.05, grace_s=0, watch_launcher=False).start()
+        s.close()
+        assert nums <= _mask()
+        assert all(signal.getsignal(n) is not s._on_signal for n in nums)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
