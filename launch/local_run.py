@@ -97,6 +97,21 @@ class TrainingJob:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
+    def wait_until(self, what: str, cond, timeout: float, interval: float = 0.2):
+        """Poll `cond()` while the job runs and return its first truthy value;
+        AssertionError naming `what`, with the log's tail, when the job ends first
+        or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = cond()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the job ended (exit status {self.proc.returncode}) before {what}:\n"
+                                     f"{self.log()[-4000:]}")
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.log()[-4000:]}")
+
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         """Signal the runner's process group (the launcher, its node launcher and the ranks)."""
         try:

@@ -243,7 +243,7 @@ def _check_train(c: TrainConfig) -> None:
             f"{c.output_lock.stale_after_s} and {c.output_lock.refresh_s}")
     p = c.preemption
     unknown = [n for n in p.signals if n not in signal.Signals.__members__]
-    if unknown or not p.signals and p.enabled:
+    if unknown or (p.enabled and not p.signals):
         bad("preemption.signals", f"must name signals of Python's signal module (e.g. SIGTERM, SIGUSR1); "
             f"got {list(p.signals)}" + (f" ({unknown} unknown)" if unknown else ""))
     if "SIGKILL" in p.signals or "SIGSTOP" in p.signals:

@@ -176,7 +176,6 @@ class OutputLockConfig:
     checked directly (its pid), so a killed run's lock is taken over at once."""
 
 
-
 @dataclass
 class PreemptionConfig:
     """Stopping on request with a checkpoint (pipeline/training/preemption.py).

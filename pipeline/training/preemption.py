@@ -64,6 +64,8 @@ STOP_FILE = "STOP"
 """<output_dir>/STOP: a stop request (launch/slurm.example.sh touches it)."""
 MARKER_FILE = "PREEMPTED"
 """<output_dir>/PREEMPTED: written by a stopped run (JSON), removed by the next start."""
+
+
 class Preempted(SystemExit):
     """The run stopped on request (exit status 75); it continues with checkpoint.resume=auto."""
 

@@ -17,7 +17,7 @@ import yaml
 
 from modeling.vision import torch_dtype
 from pipeline import distributed as dist
-from pipeline.process_signals import STOP_SIGNALS, restore_signal_mask, signal_numbers
+from pipeline.process_signals import STOP_SIGNALS, signal_numbers
 from pipeline.training.config import TrainConfig
 from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
@@ -214,9 +214,6 @@ def train(cfg: TrainConfig) -> dict:
     Raises RunLocked (exit status 2) when another run holds output_dir, and
     Preempted (exit status 75) when it stopped on request with a checkpoint."""
     t_start, wall_start = time.monotonic(), time.time()
-    # The caller's mask comes back at the end (an in-process caller's signals
-    # must not stay blocked; under cli.main it has them blocked already).
-    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     # Before the process group exists, so that no thread of gloo/NCCL receives the stop signals.
     stops = start_stop_requests(cfg)
     lock = None
@@ -238,8 +235,7 @@ def train(cfg: TrainConfig) -> dict:
         if lock is not None:
             lock.release()
         if stops is not None:
-            stops.close()
-        restore_signal_mask(mask_before)
+            stops.close()  # gives the caller its signal mask and handlers back
 
 
 def start_stop_requests(cfg: TrainConfig) -> preemption.StopRequests | None:

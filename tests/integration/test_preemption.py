@@ -56,11 +56,7 @@ def _stopped_run(shards: Path, out: Path, how: str) -> tuple[int, TrainingJob, l
     (the runner's exit status, the job, every pid of its tree at the time)."""
     job = TrainingJob(RECIPE, _overrides(shards, out), str(out) + ".log")
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while len(_metrics(out)) < 3:
-            assert job.proc.poll() is None, f"the job ended before step 3:\n{job.log()[-4000:]}"
-            assert time.monotonic() < deadline, "no third step in time"
-            time.sleep(0.2)
+        job.wait_until("step 3", lambda: len(_metrics(out)) >= 3, TIMEOUT)
         tree = psutil.Process(job.pid).children(recursive=True)
         pids = [job.pid] + [p.pid for p in tree]
         if how == "runner":

@@ -65,20 +65,6 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
             "checkpoint.export=false", f"output_dir={out}", *extra]
 
 
-def _wait_for(what: str, cond, timeout: float, job: TrainingJob | None = None, interval: float = 0.2):
-    """Poll `cond()` until truthy; fail naming `what` (and the job's log tail) on timeout or job exit."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        if job is not None and job.proc.poll() is not None:
-            raise AssertionError(f"job ended (rc {job.proc.returncode}) before {what}:\n{job.log()[-4000:]}")
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
-                         + (f":\n{job.log()[-4000:]}" if job is not None else ""))
-
-
 def _metric_lines(out: Path) -> list[str]:
     path = out / "metrics.jsonl"
     return path.read_text().splitlines(keepends=True) if path.is_file() else []
@@ -136,7 +122,7 @@ def test_second_run_refused_then_killed_run_taken_over_with_one_record_per_step(
     try:
         # A holds the lock from right after the process group is up; B starts then, so its
         # rank 0 reaches the lock while A is still setting up or training.
-        _wait_for("A's run.lock", lambda: (out / LOCK_FILE).is_file(), LAUNCH_TIMEOUT, a)
+        a.wait_until("A's run.lock", lambda: (out / LOCK_FILE).is_file(), LAUNCH_TIMEOUT)
         b = TrainingJob(RECIPE, common, str(tmp_path / "B.log"))
         rc_b = b.wait(LAUNCH_TIMEOUT)
         log_b = b.log()
@@ -151,7 +137,7 @@ def test_second_run_refused_then_killed_run_taken_over_with_one_record_per_step(
         assert not glob.glob(str(out / "wandb" / "offline-run-*"))[1:], "B must not have started a W&B run"
 
         # Kill all of A with -9 once it has logged steps past a complete checkpoint.
-        _wait_for("A's metrics past a complete checkpoint", lambda: _past_checkpoint(out), LAUNCH_TIMEOUT, a)
+        a.wait_until("A's metrics past a complete checkpoint", lambda: _past_checkpoint(out), LAUNCH_TIMEOUT)
         procs = [psutil.Process(a.pid)] + psutil.Process(a.pid).children(recursive=True)
         a.kill_group(signal.SIGKILL)
         assert a.wait(60) == -signal.SIGKILL
