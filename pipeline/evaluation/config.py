@@ -35,6 +35,35 @@ PROTOCOL_GENERATION: dict[str, dict[str, Any]] = {
 }
 
 
+GENERATION_FIELDS: tuple[str, ...] = ("conversation", "temperature", "top_p", "max_new_tokens")
+
+
+def effective_generation(settings: Any) -> dict[str, Any]:
+    """The generation settings a run uses: its protocol's (PROTOCOL_GENERATION),
+    with each of GENERATION_FIELDS that `settings` sets (not None) instead. Shared
+    by EvalConfig and the prediction command's PredictConfig, so the same flags
+    give the same answers in both."""
+    out = dict(PROTOCOL_GENERATION[settings.protocol])
+    for name in GENERATION_FIELDS:
+        if getattr(settings, name) is not None:
+            out[name] = getattr(settings, name)
+    return out
+
+
+def check_generation_fields(settings: Any) -> None:
+    """ConfigError for a bad value of the shared generation fields."""
+    if settings.batch_size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {settings.batch_size}")
+    if settings.num_workers < 0:
+        raise ConfigError(f"num_workers: must be >= 0, got {settings.num_workers}")
+    if settings.max_new_tokens is not None and settings.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: must be >= 1 or None, got {settings.max_new_tokens}")
+    if settings.temperature is not None and settings.temperature < 0:
+        raise ConfigError(f"temperature: must be >= 0, got {settings.temperature}")
+    if settings.top_p is not None and not 0 < settings.top_p <= 1:
+        raise ConfigError(f"top_p: must be in (0, 1] or None, got {settings.top_p}")
+
+
 @dataclass
 class EvalConfig:
     """Everything an evaluation run depends on (recorded in results.json)."""
@@ -134,19 +163,13 @@ class EvalConfig:
             raise ConfigError("out: required (the results folder)")
         if not self.sets():
             raise ConfigError("shards / benchmarks: give at least one set to evaluate")
-        for name in ("batch_size", "css_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-        for name in ("limit", "max_per_class", "max_new_tokens"):
+        check_generation_fields(self)
+        if self.css_batch_size < 1:
+            raise ConfigError(f"css_batch_size: must be >= 1, got {self.css_batch_size}")
+        for name in ("limit", "max_per_class"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1 or None, got {value}")
-        if self.temperature is not None and self.temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1] or None, got {self.top_p}")
         self.perturbations()
         if self.face_crop:
             from pipeline.evaluation.video import FaceCropper
@@ -172,11 +195,7 @@ class EvalConfig:
 
     def generation(self) -> dict[str, Any]:
         """Effective generation settings: the protocol's, with any field set here instead."""
-        out = dict(PROTOCOL_GENERATION[self.protocol])
-        for name in ("conversation", "temperature", "top_p", "max_new_tokens"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        return out
+        return effective_generation(self)
 
     def reasoning_sets(self) -> tuple[str, ...]:
         """Sets restricted to images listed in their reasoning JSON: the MMFR set under

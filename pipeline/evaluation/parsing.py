@@ -112,6 +112,31 @@ def extract_reasoning(answer: str) -> str:
     return (tail if end < 0 else tail[:end]).strip()
 
 
+SECTIONS: tuple[str, ...] = ("SUMMARY", "CAPTION", "REASONING", "CONCLUSION")
+
+
+def split_sections(answer: str) -> dict[str, str | None]:
+    """The text of each of the four LLaVA-CoT sections (lower-case keys), stripped;
+    None for a section the answer does not open. Several blocks of one tag are
+    joined by a space; an opening tag without its closing tag (an answer cut by
+    the token limit) runs to the next opening tag or the end, as in
+    `extract_reasoning`, so a truncated answer still shows what it said."""
+    out: dict[str, str | None] = {}
+    for tag in SECTIONS:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", answer, flags=re.S)
+        if blocks:
+            out[tag.lower()] = " ".join(b.strip() for b in blocks if b.strip())
+            continue
+        start = answer.find(f"<{tag}>")
+        if start < 0:
+            out[tag.lower()] = None
+            continue
+        tail = answer[start + len(tag) + 2:]
+        nxt = re.search(r"<(?:%s)>" % "|".join(SECTIONS), tail)
+        out[tag.lower()] = (tail if nxt is None else tail[:nxt.start()]).strip()
+    return out
+
+
 def parse_answer(answer: str) -> ParsedAnswer:
     """Decision, status and reasoning of one generated answer (protocol "ours", see module docstring)."""
     reasoning = extract_reasoning(answer)

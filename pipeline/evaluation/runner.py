@@ -48,8 +48,12 @@ from sharding.schema import EVAL_QUESTION
 
 log = logging.getLogger(__name__)
 
-def load_model(cfg: EvalConfig):
-    """(model, tokenizer, format) for this project's formats or the reference's."""
+def load_model(cfg):
+    """(model, tokenizer, format) for this project's formats or the reference's.
+
+    cfg: an EvalConfig or a PredictConfig (fields checkpoint, dtype,
+    reference_base_model, and optionally quantize: the LLM's linear layers
+    loaded in 8 or 4 bits, modeling.quantization)."""
     from modeling.checkpoint import checkpoint_format, import_reference, load_for_inference
     from modeling.config import ModelConfig
 
@@ -59,10 +63,17 @@ def load_model(cfg: EvalConfig):
         if cfg.dtype:
             base = ModelConfig.from_dict({"dtype": cfg.dtype}, base=base)
         model, tok = import_reference(d, base, base_model_dir=cfg.reference_base_model)
-        return model, tok, "reference"
-    overrides = {"dtype": cfg.dtype} if cfg.dtype else None
-    model, tok = load_for_inference(d, overrides)
-    return model, tok, "fakereasoning"
+        fmt = "reference"
+    else:
+        overrides = {"dtype": cfg.dtype} if cfg.dtype else None
+        model, tok = load_for_inference(d, overrides)
+        fmt = "fakereasoning"
+    bits = getattr(cfg, "quantize", None)
+    if bits:
+        from modeling.quantization import quantize_llm
+
+        quantize_llm(model, bits)
+    return model, tok, fmt
 
 
 def batch_seed(seed: int, first_sample: dict[str, Any]) -> int:
@@ -73,9 +84,13 @@ def batch_seed(seed: int, first_sample: dict[str, Any]) -> int:
 
 
 class Scorer:
-    """Generation + parsing + p(fake) for batches of images (one model, one device)."""
+    """Generation + parsing + p(fake) for batches of images (one model, one device).
 
-    def __init__(self, model, cfg: EvalConfig, device: torch.device, tokenizer=None, one_pass: bool = True):
+    cfg: an EvalConfig, or any settings object with `protocol`, `seed` and
+    `generation()` (pipeline.inference's PredictConfig), so the prediction
+    command scores exactly as the evaluation does."""
+
+    def __init__(self, model, cfg, device: torch.device, tokenizer=None, one_pass: bool = True):
         """one_pass False: the two-pass way (generate, then score_p_fake's forward for
         every answer), the same p(fake) at one more forward per image; kept as the
         baseline of benchmarks/bench_eval.py and of the equality tests."""
@@ -105,19 +120,38 @@ class Scorer:
                 "top_p": 1.0 if g["top_p"] is None else g["top_p"], "num_beams": g["num_beams"]}
 
     @torch.inference_mode()
-    def score_batch(self, pixel_values: torch.Tensor, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def answer_batch(self, pixel_values: torch.Tensor, seed: int) -> tuple[list[str], list[float], list[int]]:
+        """(answers, p_fake, full forwards) per image of a batch: the protocol's
+        generation with the CPM's p(fake) (NaN where none), `seed` set first."""
         px = pixel_values.to(self.device)
-        prompts = [list(self.prompt_ids) for _ in samples]
-        torch.manual_seed(batch_seed(self.cfg.seed, samples[0]))
+        prompts = [list(self.prompt_ids) for _ in range(px.shape[0])]
+        torch.manual_seed(seed)
         if self.one_pass:
             scored = self.model.generate_scored(px, prompts, **self.generate_kwargs())
             answers, p_fake, forwards = scored.texts, scored.p_fake, scored.forwards
         else:
             answers = self.model.generate(px, prompts, **self.generate_kwargs())
-            p_fake, forwards = self.model.score_p_fake(px, prompts, answers), [2] * len(samples)
-        p_fake = p_fake.float().cpu().tolist()
-        self.images += len(samples)
+            p_fake, forwards = self.model.score_p_fake(px, prompts, answers), [2] * px.shape[0]
+        self.images += px.shape[0]
         self.forwards += sum(forwards)
+        return answers, p_fake.float().cpu().tolist(), list(forwards)
+
+    @torch.inference_mode()
+    def p_fake_only(self, pixel_values: torch.Tensor) -> list[float]:
+        """p(fake) per image without an answer: one forward with the conclusion
+        prefix forced right after the prompt (model.score_p_fake with no answer).
+        The model was trained with the reasoning before the conclusion, so this
+        is out of its training distribution (benchmarks/bench_predict.py measures
+        what it costs in accuracy)."""
+        px = pixel_values.to(self.device)
+        prompts = [list(self.prompt_ids) for _ in range(px.shape[0])]
+        p_fake = self.model.score_p_fake(px, prompts, None)
+        self.images += px.shape[0]
+        self.forwards += px.shape[0]
+        return p_fake.float().cpu().tolist()
+
+    def score_batch(self, pixel_values: torch.Tensor, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        answers, p_fake, _ = self.answer_batch(pixel_values, batch_seed(self.cfg.seed, samples[0]))
         rows = []
         for s, answer, p in zip(samples, answers, p_fake):
             parsed = self.parse(answer)
