@@ -91,8 +91,9 @@ def quantize_llm(model: nn.Module, bits: str) -> int:
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers as stored (a quantized
-    layer's packed weights count at their packed size)."""
+    """Bytes held by a module's parameters and buffers as stored: a quantized layer's
+    packed weights at their packed size, plus its scales (8-bit: the per-row SCB;
+    4-bit: the quant state's absmax), which bitsandbytes keeps beside the parameter."""
     seen: set[int] = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):
@@ -100,4 +101,9 @@ def weight_bytes(module: nn.Module) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
+        extras = [getattr(t, "SCB", None)]
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            extras.append(getattr(state, "absmax", None))
+        total += sum(x.numel() * x.element_size() for x in extras if isinstance(x, torch.Tensor))
     return total

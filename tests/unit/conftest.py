@@ -1,4 +1,4 @@
-"""One tiny exported checkpoint for the prediction tests (built once per session)."""
+"""A tiny exported checkpoint (built once per session) for the prediction and quantization tests."""
 import pytest
 import torch
 
