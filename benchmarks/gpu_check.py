@@ -16,6 +16,14 @@ and the device is CUDA):
      --gen-new-tokens new tokens (end-of-sequence suppressed), timed after a
      warm-up; tokens/s over all of it and for the decode alone (minus a
      one-token prefill run).
+Then, when bitsandbytes imports (the 'quantize' extra), the quantized phase of
+`fakereasoning-predict --quantize` for each of --quantize (default 8bit,4bit):
+the model built once more in bf16 (same seed, same random weights) scores
+--quant-images random images (p(fake) by the forced conclusion forward, as
+--detect-only does, and a short greedy answer), then its LLM is quantized in
+place (modeling.quantization) and the same images are scored again: LLM
+linear-weight bytes before/after, device memory allocated after, the largest
+|p(fake) difference|, the share of equal verdicts at 0.5 and of identical answers.
 Writes JSON (--out, default benchmarks/results/gpu_check.json) after every
 phase, so a run cut short by its time limit keeps what it measured, and prints
 a table. A phase that fails (out of memory, a backend that cannot be built) is
@@ -74,6 +82,9 @@ def parse_args(argv=None):
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak TFLOP/s of the device for MFU (default: modeling.flops.PEAK_TFLOPS by the "
                          "CUDA device name; none on CPU)")
+    ap.add_argument("--quantize", default="8bit,4bit",
+                    help="quantized phase: comma-separated 8bit/4bit, or 'none' (needs bitsandbytes)")
+    ap.add_argument("--quant-images", type=int, default=8, help="images scored by the quantized phase (default 8)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="skip phases that would start after this many seconds (gpu_check.sh also kills "
                          "the run a minute later)")
@@ -172,6 +183,49 @@ def measure_generation(model, cfg: ModelConfig, tok, args, device) -> dict:
             "decode_tokens_per_s": round(b * (new - 1) / decode_s, 1) if new > 1 else None}
 
 
+def _llm_linear_bytes(model) -> int:
+    from torch import nn
+
+    from modeling.quantization import weight_bytes
+
+    lm = causal_lm(model.llm)
+    return sum(weight_bytes(m) for n, m in lm.named_modules()
+               if not n.endswith("lm_head") and (type(m) is nn.Linear or type(m).__module__.startswith("bitsandbytes")))
+
+
+def _score_for_quant(model, px, prompts, new_tokens: int) -> tuple[torch.Tensor, list[str]]:
+    with torch.no_grad():
+        p = model.score_p_fake(px, prompts).float().cpu()
+        answers = model.generate(px, prompts, max_new_tokens=new_tokens, use_cache=True)
+    return p, answers
+
+
+def measure_quantized(cfg: ModelConfig, tok, bits: str, args, device) -> dict:
+    """One bits setting of the quantized phase (see the module doc)."""
+    from modeling.quantization import quantize_llm
+
+    model, _ = build_variant(cfg, tok, "sdpa", device, grad_ckpt=False, cast_dtype=True)
+    model.eval()
+    n = args.quant_images
+    px = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(2)).to(device)
+    prompts = [QUESTION] * n
+    p_ref, a_ref = _score_for_quant(model, px, prompts, 16)
+    before = _llm_linear_bytes(model)
+    replaced = quantize_llm(model, bits)
+    free(device)
+    after = _llm_linear_bytes(model)
+    allocated = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    p_q, a_q = _score_for_quant(model, px, prompts, 16)
+    del model
+    free(device)
+    return {"bits": bits, "layers": replaced, "llm_linear_gib_before": round(before / 2**30, 3),
+            "llm_linear_gib_after": round(after / 2**30, 3), "ratio": round(after / before, 4),
+            "allocated_gib_after": None if allocated is None else round(allocated, 2),
+            "max_abs_dp_fake": float((p_ref - p_q).abs().max()),
+            "verdict_agreement": float(((p_ref >= 0.5) == (p_q >= 0.5)).float().mean()),
+            "answer_agreement": sum(a == b for a, b in zip(a_ref, a_q)) / n}
+
+
 def table(report: dict) -> str:
     head = ("attn", "step s", "positions/s", "peak GiB", "TFLOP/s", "MFU", "gen tok/s", "decode tok/s")
     rows = [head]
@@ -191,6 +245,28 @@ def table(report: dict) -> str:
             if isinstance(r.get(phase), dict) and "error" in r[phase]:
                 lines.append(f"{r['attn_implementation']} {phase}: {r[phase]['error']}")
     return "\n".join(lines)
+
+
+def quantize_phase(report: dict, cfg: ModelConfig, tok, args, device, over_budget, save) -> None:
+    """The quantized phase for each of --quantize; recorded under report["quantized"]."""
+    wanted = [b.strip() for b in args.quantize.split(",") if b.strip() and b.strip() != "none"]
+    if not wanted:
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        report["quantized"] = [{"bits": b, "error": "skipped: bitsandbytes is not installed "
+                                "(pip install '.[quantize]')"} for b in wanted]
+        return
+    report["quantized"] = []
+    for bits in wanted:
+        if over_budget():
+            report["quantized"].append({"bits": bits, "error": f"skipped: past the {args.budget_s:.0f} s budget"})
+            continue
+        try:
+            report["quantized"].append(measure_quantized(cfg, tok, bits, args, device))
+        except Exception as e:  # noqa: BLE001 - recorded; the other setting still runs
+            report["quantized"].append({"bits": bits, "error": f"{type(e).__name__}: {e}"[:400]})
+            free(device)
+        save()
 
 
 def main(argv=None) -> int:
@@ -262,8 +338,14 @@ def main(argv=None) -> int:
             save()
         del model
         free(device)
+    quantize_phase(report, cfg, tok, args, device, over_budget, save)
     save()
     print(table(report))
+    for q in report.get("quantized", []):
+        print(f"quantized {q.get('bits')}: " + (q["error"] if "error" in q else
+              f"LLM linear {q['llm_linear_gib_before']} -> {q['llm_linear_gib_after']} GiB (x{q['ratio']}), "
+              f"max |dp_fake| {q['max_abs_dp_fake']:.4f}, verdicts equal {q['verdict_agreement']:.0%}, "
+              f"answers equal {q['answer_agreement']:.0%}"))
     print(f"device {device_name}; peak {peak_tflops or '-'} TFLOP/s; {attn_note}; "
           f"{report['elapsed_s']} s; JSON: {args.out}")
     return 0

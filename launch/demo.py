@@ -13,6 +13,7 @@ Everything goes under --out:
                    (sync later with `wandb sync`)
     eval/          results.md, results.json, predictions.jsonl, plots (launch/eval.py)
     bench/         a GenImage-layout miniature, its shards and eval/ (JPEG sweep, ECE)
+    predict/       fakereasoning-predict on a few demo images: predictions.jsonl, evidence/ heat maps
     train.log, metrics.jsonl
 
 Each step reuses what a previous run left: the dataset and the shards are kept,
@@ -154,7 +155,36 @@ def main(argv=None) -> int:
     print(f"W&B offline run {summary['wandb_run_dir']}  (wandb sync {summary['wandb_run_dir']})")
     print(f"eval results    {os.path.join(eval_dir, 'results.md')} (+ results.json, predictions.jsonl, plots)")
     benchmark_step(out, summary["export"]["merged"], mmfr)
+    predict_step(out, summary["export"]["merged"], mmfr)
     return 0
+
+
+# Images the demo asks the model about at the end: real and fake of two generators.
+PREDICT_IMAGES = {"kandinsky": 2, "flux": 2}
+
+
+def predict_step(out: str, checkpoint: str, mmfr: str) -> list[dict]:
+    """Ask the exported model about a few of the demo's own image files with
+    fakereasoning-predict (python -m pipeline.inference): verdict, p(fake), the answer's
+    sections, and evidence maps (PNG heat maps + .npy grids) under OUT/predict/."""
+    from pipeline.inference.output import render
+
+    t = step("extra: fakereasoning-predict on a few of the demo's own images, with evidence maps")
+    files = []
+    for gen, n in PREDICT_IMAGES.items():
+        for label_dir in ("0_real", "1_fake"):
+            folder = os.path.join(mmfr, "evaluation_sets", gen, label_dir)
+            files += [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:n // 2 or 1]]
+    pred_dir = os.path.join(out, "predict")
+    preds = os.path.join(pred_dir, "predictions.jsonl")
+    run([sys.executable, "-m", "pipeline.inference", "--checkpoint", checkpoint, *files, "--out", preds,
+         "--evidence", os.path.join(pred_dir, "evidence"), "--max-new-tokens", "256", "--batch-size", "8",
+         "--num-workers", "1", "--no-progress"])
+    records = [json.loads(x) for x in open(preds, encoding="utf-8")]
+    print(f"({time.monotonic() - t:.0f}s)")
+    print(render(records, "text"), end="")
+    print(f"  predictions     {preds} (evidence maps in {os.path.join(pred_dir, 'evidence')})")
+    return records
 
 
 # The miniature benchmark: GenImage's layout (sharding/eval_sets/registry.py, adapter

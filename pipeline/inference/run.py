@@ -15,6 +15,7 @@ journal / the output (output.py); rank 0 writes the final file.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -55,6 +56,10 @@ class Summary:
     fake: int = 0
     ignored_in_folders: int = 0
     seconds: float = 0.0
+    """Wall seconds of the whole run (model loading included)."""
+    scoring_seconds: float = 0.0
+    """Wall seconds from the first decoded run to the last record (rank 0's; the
+    speed figure comparable with fakereasoning-eval's images_per_s_scoring)."""
     reasons: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -105,7 +110,9 @@ class Predictor:
     def score(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One record-part per sample (image fields; frames are grouped by the caller)."""
         px = torch.stack([s["pixel_values"] for s in samples])
-        with AttentionCapture(self.model) as cap:
+        # Only with --evidence: at the paper shape the map is B x 16 x 577 x 577 floats.
+        capture = AttentionCapture(self.model) if self.evidence_dir is not None else contextlib.nullcontext()
+        with capture as cap:
             if self.cfg.detect_only:
                 p_fake, answers = self.scorer.p_fake_only(px), [None] * len(samples)
             else:
@@ -124,7 +131,7 @@ class Predictor:
             else:
                 rec.update(answer=None, sections=None, parse_status="not_generated", answer_verdict=None,
                            disagree=False)
-            if self.evidence_dir is not None and cap.attention is not None:
+            if cap is not None and cap.attention is not None:
                 rec["evidence"] = self._evidence(s, cap.attention[i])
             out.append(rec)
         return out
@@ -245,6 +252,7 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
         journal = output.Journal(cfg.out, attempt, rank) if cfg.out is not None else None
         bar = tqdm(total=total, unit="input", desc="predict", disable=not (cfg.progress and rank == 0),
                    dynamic_ncols=True, file=sys.stderr)
+        t_scoring = time.perf_counter()
         try:
             for run in make_predict_loader(dataset, cfg.num_workers):
                 records = run["records"] + (predictor.records(run["samples"]) if run["samples"] else [])
@@ -261,7 +269,9 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
             bar.close()
             if journal is not None:
                 journal.close()
+        scoring_seconds = time.perf_counter() - t_scoring
         summary = _reduce(summary, world)
+        summary.scoring_seconds = scoring_seconds
         if rank == 0 and cfg.out is not None:
             output.finalize(cfg.out, fmt, cfg.restart)
     finally:

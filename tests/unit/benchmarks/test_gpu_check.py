@@ -42,6 +42,12 @@ def test_tiny_cpu_smoke_writes_json_and_prints_the_table(tmp_path):
     assert train["model_tflops_per_s"] == pytest.approx(want / 1e12 / train["step_s_median"], rel=1e-2)
     assert train["mfu"] == pytest.approx(train["model_tflops_per_s"] / 1.0)
     assert gen["batch_size"] == 16 and gen["new_tokens"] == 4 and gen["tokens_per_s"] > 0
+    # The quantized phase (bitsandbytes' CPU backend here): both settings, smaller LLM weights.
+    assert [q["bits"] for q in report["quantized"]] == ["8bit", "4bit"]
+    for q in report["quantized"]:
+        assert "error" not in q, q
+        assert q["ratio"] < 0.5 and q["layers"] > 0 and 0.0 <= q["max_abs_dp_fake"] < 0.1
+    assert "quantized 8bit: LLM linear" in proc.stdout
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["attn", "step", "s", "positions/s"] and "MFU" in lines[0]
     assert lines[2].startswith("sdpa ") and "%" in lines[2]
