@@ -194,6 +194,7 @@ def parse_answer(content: str, label: int) -> Answer:
             continue
         attributes[name] = _text(value)
     if not any(attributes.values()):
-        raise Rejected("no_attribute", f"none of {list(LABEL_ATTRIBUTES[label])} has a text")
+        raise Rejected("no_attribute", f"none of the label's five attribute names has a text "
+                                       f"(other names dropped: {sorted(unknown)})")
     caption = next((_text(v) for k, v in obj.items() if isinstance(k, str) and k.casefold() == "caption"), None)
     return Answer(attributes, caption, sorted(unknown))
