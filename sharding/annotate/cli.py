@@ -14,20 +14,13 @@ import json
 import sys
 from typing import Sequence
 
-from ..shard_mmfr import parse_size
+from ..shard_mmfr import _positive, parse_size
 from .collect import CollectConfig, collect, report_table
 from .direct import DirectConfig, plan, run_direct
 from .prompts import DEFAULT_PROMPT_FILE, PromptError
 from .requests import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS, AnnotateError, RequestsConfig, build_requests
 
 LABELS = {"fake": 1, "real": 0}
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _seconds(text: str) -> float:

@@ -117,10 +117,10 @@ def read_journal(path: str) -> dict[str, bool]:
             data_end += len(raw)
             try:
                 obj = json.loads(raw)
-            except ValueError:
-                raise AnnotateError(f"{path}: a line that is not JSON at byte {data_end - len(raw)}; "
+                done[obj["custom_id"]] = bool(obj.get("error"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise AnnotateError(f"{path}: a line that is not a result line at byte {data_end - len(raw)}; "
                                     "this is not a journal written by `run`") from None
-            done[obj["custom_id"]] = bool(obj.get("error"))
         fh.truncate(data_end)
     return done
 
@@ -133,7 +133,8 @@ def _lines(files: list[str]) -> Iterator[tuple[str, int, dict]]:
                     continue
                 try:
                     obj = json.loads(raw)
-                    if not isinstance(obj.get("custom_id"), str) or not isinstance(obj.get("body"), dict):
+                    if not (isinstance(obj, dict) and isinstance(obj.get("custom_id"), str)
+                            and isinstance(obj.get("body"), dict)):
                         raise ValueError
                 except ValueError:
                     raise AnnotateError(f"{path}:{n}: not a Batch request line "

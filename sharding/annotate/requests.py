@@ -129,14 +129,17 @@ def custom_id(generator: str, label: int, file_name: str) -> str:
 def _walk_sorted(root: str) -> Iterator[str]:
     """Files under `root` (absolute paths), depth first in name order, one folder listed at a time."""
     try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        with os.scandir(root) as it:
+            # (name, is folder) only: a DirEntry per file would cost several times more
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
     except OSError as exc:
         raise AnnotateError(f"{root}: cannot list the folder: {exc.strerror or exc}") from None
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            yield from _walk_sorted(e.path)
+    for name, is_dir in entries:
+        path = os.path.join(root, name)
+        if is_dir:
+            yield from _walk_sorted(path)
         else:
-            yield e.path
+            yield path
 
 
 def request_line(cid: str, prompt: str, data_url: str, cfg: RequestsConfig) -> dict:
@@ -231,7 +234,9 @@ def build_requests(cfg: RequestsConfig) -> RequestsSummary:
     if not cfg.dry_run:
         os.makedirs(cfg.out, exist_ok=True)
     writer = _Writer(cfg, prefix, summary)
-    seen: dict[str, str] = {}  # custom_id -> path: two images with one id are an error
+    # File names seen (one label and generator: the name decides the custom_id). Names,
+    # not paths, are kept: the other path of a collision is found again by a walk.
+    seen: set[str] = set()
     index = None if cfg.dry_run else open(_tmp(cfg, f"{prefix}.index.jsonl"), "w", encoding="utf-8")
     bar = tqdm(desc=f"requests {prefix}", unit="img", disable=not cfg.progress)
     try:
@@ -245,10 +250,11 @@ def build_requests(cfg: RequestsConfig) -> RequestsSummary:
             summary.images_seen += 1
             bar.update()
             cid = custom_id(cfg.generator, cfg.label, name)
-            if cid in seen:
-                raise AnnotateError(f"{path} and {seen[cid]} both map to custom_id {cid!r} (the file name); "
+            if name in seen:
+                first = next(p for p in _walk_sorted(os.path.abspath(cfg.images)) if os.path.basename(p) == name)
+                raise AnnotateError(f"{path} and {first} both map to custom_id {cid!r} (the file name); "
                                     "rename one of them: the MMFR layout keeps one file per name")
-            seen[cid] = path
+            seen.add(name)
             try:
                 with open(path, "rb") as fh:
                     raw = fh.read()
