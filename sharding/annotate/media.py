@@ -57,6 +57,9 @@ def prepare(raw: bytes, max_side: int | None) -> PreparedImage:
             n_frames = getattr(im, "n_frames", 1)
             too_big = max_side is not None and max(w, h) > max_side
             if fmt in SENDABLE and not too_big and not (fmt == "GIF" and n_frames > 1):
+                # Sent as they are, so never decoded here: verify() walks the file's structure
+                # (PNG chunk CRCs) without decompressing it, to catch damaged files before the API does.
+                im.verify()
                 return PreparedImage(raw, SENDABLE[fmt], w, h, w, h, "")
             if w * h > MAX_PIXELS:
                 raise ImageProblem(f"{w}x{h} pixels is more than {MAX_PIXELS} to decode")

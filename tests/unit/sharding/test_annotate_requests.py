@@ -126,13 +126,17 @@ def test_dry_run_writes_nothing_and_estimates_tokens(tmp_path, capsys):
     write_images(tmp_path / "imgs", 3, size=(1024, 1024))
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG garbage")
+    damaged = bytearray((tmp_path / "imgs" / "img0.png").read_bytes())
+    damaged[damaged.index(b"IDAT") + 6] ^= 0xFF  # a valid header, a chunk with a bad checksum
+    (tmp_path / "imgs" / "damaged.png").write_bytes(bytes(damaged))
     rc = main(["requests", "--images", str(tmp_path / "imgs"), "--label", "fake", "--generator", "g",
                "--out", str(tmp_path / "req"), "--dry-run", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and not (tmp_path / "req").exists()
-    assert "DRY RUN" in out and "images seen     4" in out and "requests        3" in out
+    assert "DRY RUN" in out and "images seen     5" in out and "requests        3" in out
     assert "~2295 for images" in out  # 3 x 765 (a 1024 px square at detail high)
     assert "broken.png: bad_image" in out and "notes.txt: not_an_image" in out
+    assert "damaged.png: bad_image: not a readable image: SyntaxError: broken PNG file" in out
 
 
 def test_image_token_rule():
