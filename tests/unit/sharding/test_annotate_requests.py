@@ -174,3 +174,13 @@ def test_journal_drops_a_cut_last_line(tmp_path):
     assert j.read_text().endswith(bad + "\n")
     with pytest.raises(AnnotateError, match="no request files"):
         request_files((str(tmp_path),))
+
+
+def test_annotate_imports_nothing_from_modeling_or_pipeline():
+    import subprocess
+
+    code = ("import sys, sharding.annotate.cli\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'modeling', 'pipeline', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[3]), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"
