@@ -139,7 +139,3 @@ class ChatServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-    def answered(self) -> list[str]:
-        with self.lock:
-            return [i for i, what in self.log if what == "200"]
