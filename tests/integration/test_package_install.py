@@ -23,7 +23,7 @@ from launch.local_run import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("fakereasoning-shard", "fakereasoning-shard-benchmark", "fakereasoning-verify",
-            "fakereasoning-train", "fakereasoning-eval")
+            "fakereasoning-train", "fakereasoning-eval", "fakereasoning-annotate")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -62,9 +62,11 @@ def test_wheel_holds_the_packages_recipes_and_metric(installed, tmp_path):
     code = ("import json, os, pipeline, modeling, sharding\n"
             "from pipeline.training.config import packaged_recipes, recipe_path\n"
             "from pipeline.evaluation.metrics import FDR_METRIC_DIR\n"
+            "from sharding.annotate.prompts import load_prompts\n"
             "print(json.dumps({'files': [m.__file__ for m in (pipeline, modeling, sharding)],\n"
             "  'recipes': packaged_recipes(), 'tiny': recipe_path('tiny-cpu'),\n"
-            "  'metric': os.path.isfile(os.path.join(FDR_METRIC_DIR, 'fdr_metric.py'))}))\n")
+            "  'metric': os.path.isfile(os.path.join(FDR_METRIC_DIR, 'fdr_metric.py')),\n"
+            "  'prompts': load_prompts().path}))\n")
     out = json.loads(_run([str(installed / "python"), "-c", code], cwd=tmp_path,
                           env=_clean_env(installed)).stdout.strip().splitlines()[-1])
     venv = str(installed.parent)
@@ -72,6 +74,7 @@ def test_wheel_holds_the_packages_recipes_and_metric(installed, tmp_path):
     assert out["recipes"] == ["fakereasoning-13b", "tiny-cpu"]
     assert out["tiny"].startswith(venv) and os.path.isfile(out["tiny"])
     assert out["metric"] is True
+    assert out["prompts"].startswith(venv)  # the annotate prompt file is package data
     # launch/ and tests/ are checkout-only
     probe = subprocess.run([str(installed / "python"), "-c", "import launch"], cwd=tmp_path,
                            env=_clean_env(installed), capture_output=True, text=True)
@@ -87,7 +90,7 @@ def test_every_command_runs_outside_the_checkout(installed, tmp_path, command):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["pipeline.training", "pipeline.evaluation", "sharding.shard_mmfr",
-                                    "sharding.eval_sets", "sharding.verify"])
+                                    "sharding.eval_sets", "sharding.verify", "sharding.annotate"])
 def test_python_m_modules_run_outside_the_checkout(installed, tmp_path, module):
     proc = _run([str(installed / "python"), "-m", module, "--help"], cwd=tmp_path, env=_clean_env(installed))
     assert proc.stdout.startswith("usage: "), proc.stdout[:300]

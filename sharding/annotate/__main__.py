@@ -1,0 +1,6 @@
+"""`python -m sharding.annotate` = `fakereasoning-annotate`."""
+import sys
+
+from sharding.annotate.cli import main
+
+sys.exit(main())
