@@ -120,14 +120,18 @@ class Scorer:
                 "top_p": 1.0 if g["top_p"] is None else g["top_p"], "num_beams": g["num_beams"]}
 
     @torch.inference_mode()
-    def answer_batch(self, pixel_values: torch.Tensor, seed: int) -> tuple[list[str], list[float], list[int]]:
+    def answer_batch(self, pixel_values: torch.Tensor, seed: int,
+                     streamer=None) -> tuple[list[str], list[float], list[int]]:
         """(answers, p_fake, full forwards) per image of a batch: the protocol's
-        generation with the CPM's p(fake) (NaN where none), `seed` set first."""
+        generation with the CPM's p(fake) (NaN where none), `seed` set first.
+        streamer: a transformers streamer receiving the new tokens as they are
+        generated (the web demo's live answer; the tokens are the same)."""
         px = pixel_values.to(self.device)
         prompts = [list(self.prompt_ids) for _ in range(px.shape[0])]
         torch.manual_seed(seed)
         if self.one_pass:
-            scored = self.model.generate_scored(px, prompts, **self.generate_kwargs())
+            extra = {"streamer": streamer} if streamer is not None else {}
+            scored = self.model.generate_scored(px, prompts, **self.generate_kwargs(), **extra)
             answers, p_fake, forwards = scored.texts, scored.p_fake, scored.forwards
         else:
             answers = self.model.generate(px, prompts, **self.generate_kwargs())

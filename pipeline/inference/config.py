@@ -99,14 +99,16 @@ class PredictConfig:
         suffix = Path(self.out).suffix.lower()
         return {".csv": "csv", ".txt": "text"}.get(suffix, "jsonl")
 
-    def validate(self) -> "PredictConfig":
+    def validate(self, require_inputs: bool = True) -> "PredictConfig":
+        """Types, values and paths; a ConfigError names the field. require_inputs False:
+        inputs come later, one by one (the web demo)."""
         from pipeline.input_paths import CHECKPOINT_FOLDER
         from modeling.input_paths import require, require_model_folder
 
         check_fields(self, "")
         if not self.checkpoint:
             raise ConfigError("checkpoint: required (a model directory)")
-        if not self.inputs and self.list_file is None:
+        if require_inputs and not self.inputs and self.list_file is None:
             raise ConfigError("inputs: give at least one file, folder, glob, '-' (stdin) or --list FILE")
         check_generation_fields(self)
         if not 0.0 <= self.threshold <= 1.0:

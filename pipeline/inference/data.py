@@ -60,6 +60,25 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
+def image_sample(path: str, processor, evidence: bool, max_pixels: int, max_file_bytes: int,
+                 index: int = 0) -> dict[str, Any]:
+    """One image file as a sample for Predictor.records (the web demo's input path;
+    raises ValueError/OSError with a reason as `error_reason` names it)."""
+    sha, data = file_sha256(path, max_file_bytes)
+    image = decode_image(data, max_pixels)
+    return {"index": index, "path": path, "kind": "image", "sha256": sha,
+            **prepared(image, processor, evidence)}
+
+
+def prepared(image: Image.Image, processor, evidence: bool) -> dict[str, Any]:
+    """The model's tensor of a decoded image, its size, and (for evidence maps) the display square."""
+    width, height = image.size
+    out = {"pixel_values": processor(image), "width": width, "height": height}
+    if evidence:
+        out["display"] = display_square(image, processor.fill)
+    return out
+
+
 class PredictImages(IterableDataset):
     def __init__(self, sources: Sequence[Source], image_processor, batch_size: int, rank: int, world: int,
                  done: frozenset[str] = frozenset(), evidence: bool = False, video_fps: float = 1.0,
@@ -118,15 +137,11 @@ class PredictImages(IterableDataset):
                         samples.append({**base, "sha256": sha, "frame": frame, "frame_number": n,
                                         "n_frames": len(frames), **sample})
             except Exception as exc:  # noqa: BLE001 - any unreadable input is a counted error record
-                records.append({**base, "status": "error", "reason": _reason(exc)})
+                records.append({**base, "status": "error", "reason": error_reason(exc)})
         return {"run": run_id, "samples": samples, "records": records, "skipped": skipped}
 
     def _image(self, image: Image.Image) -> dict[str, Any]:
-        width, height = image.size
-        out = {"pixel_values": self.processor(image), "width": width, "height": height}
-        if self.evidence:
-            out["display"] = display_square(image, self.processor.fill)
-        return out
+        return prepared(image, self.processor, self.evidence)
 
     def _video(self, inp: Input) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
         from sharding.eval_sets.video import extract_frames
@@ -147,7 +162,7 @@ class PredictImages(IterableDataset):
         return sha, [(index, self._image(decode_image(png, self.max_pixels))) for index, png in frames]
 
 
-def _reason(exc: Exception) -> str:
+def error_reason(exc: Exception) -> str:
     """`reason: detail` for our own ValueErrors (which start with a reason key), else the type and text."""
     text = str(exc)
     if isinstance(exc, ValueError) and ":" in text and text.split(":", 1)[0].isidentifier():

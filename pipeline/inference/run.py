@@ -107,8 +107,19 @@ class Predictor:
         if self.evidence_dir is not None:
             self.evidence_dir.mkdir(parents=True, exist_ok=True)
 
-    def score(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One record-part per sample (image fields; frames are grouped by the caller)."""
+    @classmethod
+    def load(cls, cfg: PredictConfig, device: torch.device | None = None) -> "Predictor":
+        """Load cfg's checkpoint (as fakereasoning-eval does) onto `device` (default: the accelerator's)."""
+        if device is None:
+            from pipeline.distributed import device as current_device
+
+            device = current_device()
+        model, tokenizer, _fmt = load_model(cfg)
+        return cls(cfg, model, tokenizer, device, output.settings_id(cfg.checkpoint, cfg.settings_record()))
+
+    def score(self, samples: list[dict[str, Any]], streamer=None) -> list[dict[str, Any]]:
+        """One record-part per sample (image fields; frames are grouped by the caller).
+        streamer: receives the generated tokens as they come (full mode, one image)."""
         px = torch.stack([s["pixel_values"] for s in samples])
         # Only with --evidence: at the paper shape the map is B x 16 x 577 x 577 floats.
         capture = AttentionCapture(self.model) if self.evidence_dir is not None else contextlib.nullcontext()
@@ -117,7 +128,7 @@ class Predictor:
                 p_fake, answers = self.scorer.p_fake_only(px), [None] * len(samples)
             else:
                 seed = batch_seed(self.cfg.seed, {"set": "predict", "key": samples[0]["sha256"]})
-                answers, p_fake, _ = self.scorer.answer_batch(px, seed)
+                answers, p_fake, _ = self.scorer.answer_batch(px, seed, streamer)
         out = []
         for i, (s, answer, p) in enumerate(zip(samples, answers, p_fake)):
             p = None if math.isnan(p) else float(p)
@@ -150,12 +161,12 @@ class Predictor:
         return {"png": str(png), "npy": str(npy), "grid": list(grid.shape),
                 "top_regions": top_regions(grid, geo, self.cfg.evidence_top)}
 
-    def records(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def records(self, samples: list[dict[str, Any]], streamer=None) -> list[dict[str, Any]]:
         """Scored records of a run's samples, a video's frames grouped into one record."""
         parts: list[tuple[dict[str, Any], dict[str, Any]]] = []
         for lo in range(0, len(samples), self.cfg.batch_size):
             chunk = samples[lo:lo + self.cfg.batch_size]
-            parts.extend(zip(chunk, self.score(chunk)))
+            parts.extend(zip(chunk, self.score(chunk, streamer)))
         out: list[dict[str, Any]] = []
         videos: dict[int, dict[str, Any]] = {}
         for s, part in parts:
