@@ -23,7 +23,8 @@ from launch.local_run import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("fakereasoning-shard", "fakereasoning-shard-benchmark", "fakereasoning-verify",
-            "fakereasoning-train", "fakereasoning-eval", "fakereasoning-annotate")
+            "fakereasoning-train", "fakereasoning-eval", "fakereasoning-annotate", "fakereasoning-predict",
+            "fakereasoning-demo")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -90,7 +91,8 @@ def test_every_command_runs_outside_the_checkout(installed, tmp_path, command):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["pipeline.training", "pipeline.evaluation", "sharding.shard_mmfr",
-                                    "sharding.eval_sets", "sharding.verify", "sharding.annotate"])
+                                    "sharding.eval_sets", "sharding.verify", "sharding.annotate",
+                                    "pipeline.inference", "pipeline.web_demo"])
 def test_python_m_modules_run_outside_the_checkout(installed, tmp_path, module):
     proc = _run([str(installed / "python"), "-m", module, "--help"], cwd=tmp_path, env=_clean_env(installed))
     assert proc.stdout.startswith("usage: "), proc.stdout[:300]
