@@ -47,9 +47,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Filled from benchmarks/results/bench_predict.json by hand when it is rerun; the
+# From benchmarks/results/bench_predict.md (copied when the benchmark is rerun);
 # README's table has the same figures.
-DETECT_ONLY_FIGURES = "see README, 'Fast screening'"
+DETECT_ONLY_FIGURES = ("AUC 0.807 against 0.796 for the full mode (it ranks images as well), but "
+                       "p(fake) squeezed into 0.03-0.06, so at threshold 0.5 it called every image real "
+                       "(accuracy 0.500 against 0.725), 10.5x faster")
 
 
 def parse_args(argv=None):
