@@ -33,10 +33,10 @@ CSS = """
 #fr-verdict .fr-verdict-box {border-radius: 10px; padding: 12px 14px; border: 1px solid #d0d0d0;}
 #fr-verdict .fr-word {font-size: 1.6em; font-weight: 700; letter-spacing: .04em;}
 #fr-verdict .fr-fake .fr-word {color: #b3261e;} #fr-verdict .fr-real .fr-word {color: #1e6b35;}
-#fr-verdict .fr-bar {position: relative; height: 14px; background: linear-gradient(90deg,#cfe8d5,#f6d3cf);
-  border-radius: 7px; margin: 10px 0 4px 0;}
-#fr-verdict .fr-fill {position: absolute; left: 0; top: 0; bottom: 0; background: rgba(60,60,60,.55);
-  border-radius: 7px 0 0 7px;}
+#fr-verdict .fr-bar {position: relative; height: 14px; background: #e6e6e6; border-radius: 7px;
+  margin: 10px 0 4px 0;}
+#fr-verdict .fr-fill {position: absolute; left: 0; top: 0; bottom: 0; border-radius: 7px 0 0 7px;}
+#fr-verdict .fr-fake .fr-fill {background: #d9534f;} #fr-verdict .fr-real .fr-fill {background: #3c9a5f;}
 #fr-verdict .fr-threshold {position: absolute; top: -4px; bottom: -4px; width: 2px; background: #222;}
 #fr-verdict .fr-scale {display: flex; justify-content: space-between; font-size: .8em; color: #666;}
 #fr-verdict .fr-message {color: #8a4b00; font-weight: 600;}
