@@ -102,6 +102,20 @@ def test_the_page_gives_what_predict_gives(server):
     assert 'id="fr-bot"' in answer and Path(evidence).is_file()
 
 
+def test_the_answer_streams_before_the_verdict(server):
+    """Partial answers arrive while generation runs, each a prefix of the next; the
+    verdict (p(fake)) is only in the last update."""
+    from gradio_client import handle_file
+
+    client = _client(server)
+    job = client.submit(handle_file(str(server["imgs"] / "1.png")), 0.5, api_name="/predict")
+    job.result(timeout=300)
+    updates = job.outputs()
+    bots = [u[1].split('id="fr-bot">', 1)[1] for u in updates if u[1] and 'id="fr-bot"' in u[1]]
+    assert len(bots) >= 3, len(bots)  # several streamed states before the final one
+    assert all("p(fake) =" not in u[0] for u in updates[:-1]) and "p(fake) =" in updates[-1][0]
+
+
 def test_ten_requests_at_once_all_complete(server):
     client = _client(server)
     paths = [server["imgs"] / f"{i % 2}.png" for i in range(10)]
