@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --progress-bar off -e '.[test,quantize,demo]'
+	$(BIN)/python -m pip install --progress-bar off -e '.[test,face,quantize,demo]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
