@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Each creates .venv/ on first use (an editable install of pyproject.toml with
-# the test extra) and reuses it afterwards; editing pyproject.toml reinstalls.
+# Each creates .venv/ on first use (an editable install of setup.cfg with
+# the test, face, quantize and demo extras) and reuses it afterwards; editing setup.cfg reinstalls.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast clean-demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.cfg setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --progress-bar off -e '.[test,face,quantize,demo]'

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -57,8 +56,12 @@ print(json.dumps(out))
 
 
 def transformers_requirement() -> Requirement:
-    """The package's transformers requirement, from pyproject.toml."""
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The package's transformers requirement, from setup.cfg's install_requires."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg", encoding="utf-8")
+    deps = cfg["options"]["install_requires"].splitlines()
     for line in deps:
         if line.strip() and Requirement(line).name == "transformers":
             return Requirement(line)
