@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from modeling.config_loading import ConfigError, check_fields, load_section
+from modeling.image_processing import ImageLimits
 
 
 @dataclass
@@ -132,6 +133,16 @@ class DataConfig:
     """Rate limit of bad-sample log lines per worker: the first 5 are logged
     one by one, then at most one summary line per this many seconds."""
 
+    max_image_side: int = ImageLimits.max_side
+    """Longest side in pixels an image may declare; checked before it is decoded
+    or padded, a larger one is a bad sample (replaced, counted). The same default
+    as the sharder's --max-side, so shards it wrote always pass."""
+
+    max_image_aspect_ratio: float = ImageLimits.max_aspect_ratio
+    """Largest longer-side / shorter-side ratio of an image (same check and default
+    as max_image_side; the sharder's --max-aspect-ratio). A 1 KB PNG can declare
+    1,000,000 x 1 pixels: cheap to decode, 3 TB once padded to a square."""
+
     def validate(self) -> "DataConfig":
         """Check field types (modeling.config_loading), values and combinations;
         raise ConfigError naming the field as data.<field>."""
@@ -156,7 +167,15 @@ class DataConfig:
             bad("max_bad_fraction", "must be in [0, 1)")
         if self.bad_log_interval_s < 0:
             bad("bad_log_interval_s", "must be >= 0")
+        if self.max_image_side < 1:
+            bad("max_image_side", "must be an integer >= 1")
+        if not self.max_image_aspect_ratio >= 1:
+            bad("max_image_aspect_ratio", "must be a number >= 1")
         return self
+
+    def image_limits(self) -> ImageLimits:
+        """max_image_side and max_image_aspect_ratio as the loaders take them."""
+        return ImageLimits(self.max_image_side, self.max_image_aspect_ratio)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":

@@ -253,7 +253,7 @@ class ShardStream(IterableDataset):
         return preprocess(sample, tokenizer=self.tokenizer, image_processor=self.image_processor,
                           build_example=self.build_example, seed=cfg.seed, epoch=self.epoch,
                           policy=cfg.conversation_choice, max_length=cfg.max_length,
-                          overlong=cfg.overlong, text=text)
+                          overlong=cfg.overlong, text=text, image_limits=cfg.image_limits())
 
     def _spare(self, who: WorkerId, batch: int, slot: int, attempt: int,
                tried: list[tuple[int, int]]) -> RawSample:

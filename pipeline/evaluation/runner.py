@@ -144,7 +144,8 @@ def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_pr
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     sweep = cfg.perturbations() if perturbed is not None else []
-    loader = make_eval_loader(items, image_processor, cfg.batch_size, cfg.num_workers, sweep, cfg.face_crop)
+    loader = make_eval_loader(items, image_processor, cfg.batch_size, cfg.num_workers, sweep, cfg.face_crop,
+                              cfg.image_limits())
     bar = tqdm(total=len(items), unit="img", desc="eval", disable=not show_progress, dynamic_ncols=True)
     try:
         for batch in loader:
@@ -256,7 +257,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     scorer = Scorer(model, cfg, dev, tokenizer)
     writer = resume.PartialWriter(resume.partial_dir(cfg.out), attempt, rank, world, items, cfg.batch_size)
     try:
-        rows, _ = score_items(scorer, mine, ImageProcessor(model.config), cfg,
+        rows, _ = score_items(scorer, mine, ImageProcessor(model.config, cfg.image_limits()), cfg,
                               show_progress=cfg.progress and rank == 0, perturbed=[], on_batch=writer)
     finally:
         writer.close()

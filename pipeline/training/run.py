@@ -330,7 +330,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
                  "%d optimizer steps", run_info["zero_stage"], info.world_size, info.backend, whole,
                  per_rank, bpe, total)
 
-    image_processor = ImageProcessor(cfg.model)
+    image_processor = ImageProcessor(cfg.model, cfg.data.image_limits())
     config_dict = cfg.to_dict()
 
     def make_loader(epoch: int, start_batch: int):
