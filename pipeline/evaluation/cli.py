@@ -160,10 +160,11 @@ def main(argv=None) -> int:
         return cfg
     from pipeline.evaluation.resume import ResumeMismatch
     from pipeline.evaluation.runner import run_eval
+    from sharding.dir_lock import OutputLocked
 
     try:
         results = run_eval(cfg)
-    except ResumeMismatch as e:
+    except (ResumeMismatch, OutputLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if results is not None:

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
+from modeling.atomic_files import RefusedLink, is_link, new_dir_beside, replace_dir, write_atomic
 from pipeline import distributed as dist
 from pipeline.training import checkpoint_space as space
 
@@ -200,20 +201,6 @@ def check_universal_source(path: str, resume: str | None = None) -> str:
     return marker_path
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def mark_complete(ckpt_dir: str, tag: str, state: TrainState) -> None:
     """Rank 0, after every rank finished writing `tag`: marker, then pointer."""
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -225,13 +212,15 @@ def mark_complete(ckpt_dir: str, tag: str, state: TrainState) -> None:
     marker = {"tag": tag, "global_step": state.global_step, "epoch": state.epoch,
               "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-    _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps(marker, indent=1, sort_keys=True))
-    _write_atomic(os.path.join(ckpt_dir, POINTER), tag)
+    write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps(marker, indent=1, sort_keys=True))
+    write_atomic(os.path.join(ckpt_dir, POINTER), tag)
 
 
 def prune(ckpt_dir: str, keep_last: int) -> list[str]:
     """Delete complete checkpoints beyond the newest `keep_last`, and incomplete
-    tags older than the newest complete one (leftovers of interrupted saves)."""
+    tags older than the newest complete one (leftovers of interrupted saves).
+    A tag that is a symbolic link is left alone with a warning: deleting through
+    it would delete (or un-mark) whatever folder it points at."""
     tags = complete_tags(ckpt_dir)
     removed = []
     doomed = tags[:-keep_last] if keep_last > 0 else []
@@ -243,13 +232,16 @@ def prune(ckpt_dir: str, keep_last: int) -> list[str]:
                 doomed.append(t)
     for t in doomed:
         path = os.path.join(ckpt_dir, t)
+        if is_link(path):
+            log.warning("prune: %s is a symbolic link; not deleting through it (remove the link yourself)", path)
+            continue
         # Drop the marker first: a crash during rmtree leaves an incomplete tag, never a
         # "complete" one with missing files.
         try:
             os.remove(os.path.join(path, COMPLETE))
         except FileNotFoundError:
             pass
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)  # path is no link (checked above)
         removed.append(t)
     return removed
 
@@ -276,7 +268,7 @@ def drop_metrics_after(path: str, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        _write_atomic(path, "".join(kept))
+        write_atomic(path, "".join(kept))
         log.info("%s: dropped %d records past step %d (trained again after the resume)", path, dropped, step)
     return dropped
 
@@ -361,6 +353,8 @@ def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int,
 
     state = dist.gather_state_dict(model, rank)
     paths = {"trainable": os.path.join(out_dir, "trainable"), "merged": os.path.join(out_dir, "merged")}
+    # Each folder is built beside its final name and swapped in (atomic_files.replace_dir):
+    # a crash while exporting leaves the previous export whole, never none at all.
     if rank == 0:
         with dist.plain_construction():
             plain = build_plain_model()
@@ -370,9 +364,17 @@ def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int,
                                f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         plain.eval()
         for p in paths.values():
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-        save_trainable(plain, paths["trainable"], training=card)
-        export_merged(plain, tokenizer, paths["merged"], training=card)
+            if is_link(p):  # before the minutes of writing, not only at the swap
+                raise RefusedLink(f"export: {p} is a symbolic link; refusing to replace what it points at")
+        staged = {k: new_dir_beside(p) for k, p in paths.items()}
+        try:
+            save_trainable(plain, staged["trainable"], training=card)
+            export_merged(plain, tokenizer, staged["merged"], training=card)
+        except BaseException:
+            for d in staged.values():
+                shutil.rmtree(d, ignore_errors=True)  # our own fresh folders (mkdtemp)
+            raise
+        for k, p in paths.items():
+            replace_dir(staged[k], p)
     dist.barrier()
     return paths
