@@ -168,7 +168,8 @@ def resolve_resume_everywhere(cfg: TrainConfig, info: dist.DistInfo) -> ckpt.Res
     decision: tuple[ckpt.ResumePoint | None, str | None] = (None, None)
     if info.is_main:
         try:
-            decision = (ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir), None)
+            decision = (ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir,
+                                            cfg.checkpoint.trust_foreign), None)
         except (FileNotFoundError, OSError) as e:
             decision = (None, str(e))
     point, error = dist.broadcast_object(decision)
@@ -294,7 +295,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
     state = ckpt.TrainState(data_seed=cfg.data.seed, world_size=info.world_size)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume is not None:
-        state = ckpt.restore_train_state(engine, resume.dir, resume.tag)
+        state = ckpt.restore_train_state(engine, resume.dir, resume.tag,
+                                         verify=not (resume.universal or cfg.checkpoint.trust_foreign),
+                                         rank=info.rank, world_size=info.world_size)
         saved = (state.extra or {}).get("stream")
         if saved is not None and saved != identity and info.is_main:
             log.warning("resuming with a different data stream identity (world size, workers, batch size "
