@@ -32,6 +32,17 @@ class RefusedLink(OSError):
     """A path that had to be a real file or folder is a symbolic link (the message names it)."""
 
 
+def plain_file_name(name: object, source: str) -> str:
+    """`name` when it is a plain file name (no folder part, not "." or ".."), to be joined
+    to a folder; ValueError naming `source` otherwise. Names read from files (sizes.json,
+    weight indexes, manifests) go through it, so that a crafted one cannot reach
+    `../../elsewhere` or an absolute path."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        raise ValueError(f"{source}: {name!r} is not a plain file name (no '/', '..' or empty names)")
+    return name
+
+
 def fsync_dir(folder: str) -> None:
     """Make a rename or a new name in `folder` durable (its directory entry)."""
     fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)

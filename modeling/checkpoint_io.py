@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modeling.atomic_files import write_atomic
+from modeling.atomic_files import plain_file_name, write_atomic
 # Adapter name peft gives the single LoRA adapter the model creates.
 ADAPTER = "default"
 # peft's save_pretrained file names (also the reference's LoRA output).
@@ -105,7 +105,10 @@ def weight_files(directory: str | Path, stems: tuple[str, ...] = ("model", "pyto
             index = d / f"{stem}{ext}.index.json"
             if index.is_file():
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [d / n for n in names]
+                try:
+                    return [d / plain_file_name(n, f"{index} weight_map") for n in names]
+                except ValueError as exc:
+                    raise CheckpointError(str(exc)) from None
             single = d / f"{stem}{ext}"
             if single.is_file():
                 return [single]

@@ -118,7 +118,13 @@ def verify(out_dir: str, deep: bool = False, out=sys.stdout) -> list[str]:
                 problems.append(f"{rel}/{name}: shard not listed in manifest.json")
         n_bad = 0
         for s in shards:
-            for p in check_shard(os.path.join(set_dir, s["name"]), s, deep):
+            name = s.get("name")
+            if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+                # Joined to the set folder: a crafted "../x" or "/abs" would be read elsewhere.
+                problems.append(f"{rel}/manifest.json: shard name {name!r} is not a plain file name")
+                n_bad += 1
+                continue
+            for p in check_shard(os.path.join(set_dir, name), s, deep):
                 problems.append(f"{rel}/{s['name']}: {p}")
                 n_bad += 1
         if sum(s["samples"] for s in shards) != manifest.get("totals", {}).get("samples"):

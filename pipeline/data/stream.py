@@ -170,7 +170,7 @@ class ShardStream(IterableDataset):
         # Fast-forward: the batches before `skip` are drawn as references only.
         for _ in range(skip * B):
             next(shuffle)
-        cursor = ShardCursor(self.shards.urls)
+        cursor = ShardCursor(self.shards.urls, self.cfg.max_member_bytes)
         raw: dict[int, RawSample] = {}
         try:
             # The buffer's references were pulled before the resume point: read
@@ -287,7 +287,7 @@ class ShardStream(IterableDataset):
                     index += 1
         else:
             index = rng.randrange(count)
-        cursor = ShardCursor(self.shards.urls)
+        cursor = ShardCursor(self.shards.urls, self.cfg.max_member_bytes)
         try:
             return cursor.get(Ref(-1, -1, shard, index))
         finally:
