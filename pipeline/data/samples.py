@@ -44,6 +44,12 @@ IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, MemoryError, 
 IMAGE_PROCESS_ERRORS = (OSError, ValueError, MemoryError)
 
 
+# Text longer than max_length x this many characters cannot fit in max_length tokens
+# (no token of a tokenizer this pipeline uses spans more characters), so it is cut
+# before tokenising: a 100 MB answer is not tokenised whole to keep 2048 ids.
+MAX_CHARS_PER_TOKEN = 64
+
+
 @dataclass
 class Example:
     """One preprocessed sample, ready for `collate`."""
@@ -133,6 +139,15 @@ def prepare_text(raw: RawSample, *, tokenizer, build_example: Callable, seed: in
         raise BadSample("no conversation in json")
     choice = choose_conversation(len(conversations), seed, epoch, raw.key, policy)
     question, answer = question_answer(conversations[choice])
+    budget = max_length * MAX_CHARS_PER_TOKEN
+    if len(question) > budget:
+        raise BadSample(f"question of {len(question)} characters cannot fit data.max_length={max_length} tokens")
+    cut = len(answer) > budget
+    if cut and overlong != "truncate":
+        raise BadSample(f"answer of {len(answer)} characters cannot fit data.max_length={max_length} tokens "
+                        f"(data.overlong={overlong})")
+    if cut:
+        answer = answer[:budget]  # still more than max_length tokens: the template truncates as before
     try:
         if overlong == "truncate":
             ex = build_example(tokenizer, question, answer, max_length=max_length)
@@ -144,6 +159,10 @@ def prepare_text(raw: RawSample, *, tokenizer, build_example: Callable, seed: in
         raise BadSample(f"template gave {len(ex.input_ids)} ids but {len(ex.labels)} labels")
     if len(ex.input_ids) > max_length:
         raise BadSample(f"{len(ex.input_ids)} tokens > data.max_length={max_length} (data.overlong={overlong})")
+    if cut and not getattr(ex, "truncated_tokens", 0):
+        # The cut text fit after all: its end (and eos) would be trained on as if complete.
+        raise BadSample(f"answer cut to {budget} characters fits data.max_length={max_length} tokens: the "
+                        f"tokenizer has tokens longer than {MAX_CHARS_PER_TOKEN} characters")
     return TextPart(int(label), choice, ex)
 
 

@@ -82,3 +82,32 @@ def test_pipe_urls_and_gopen_rewrite_need_an_opt_in(tmp_path, monkeypatch, shard
     monkeypatch.setenv("GOPEN_REWRITE", f"{root}=pipe:touch /tmp/owned;cat ")
     with pytest.raises(ConfigError, match="GOPEN_REWRITE is set"):
         DataConfig(train_shards=root).validate()
+
+
+def test_a_huge_answer_is_cut_before_tokenising_with_the_same_example(tmp_path, shard_writer, tokenizer):
+    from modeling.template import build_training_example
+    from pipeline.data.samples import MAX_CHARS_PER_TOKEN, BadSample, prepare_text
+
+    root = shard_writer(tmp_path / "s", [1], n_conv=1)
+    cursor = ShardCursor([os.path.join(root, "shard-000000.tar")])
+    raw = cursor.get(Ref(0, 0, 0, 0))
+    cursor.close()
+    meta = json.loads(raw.members["json"])
+    answer = "<REASONING>" + "edges look smooth and natural. " * 8000 + "</REASONING>"  # 248 K characters
+    meta["conversations"][0][1]["value"] = answer
+    raw.members["json"] = json.dumps(meta).encode()
+    seen = []
+
+    def recording(tok, question, text, **kw):
+        seen.append(len(text))
+        return build_training_example(tok, question, text, **kw)
+
+    kw = dict(tokenizer=tokenizer, seed=0, epoch=0, policy="first", max_length=256)
+    part = prepare_text(raw, build_example=recording, **kw)
+    assert seen == [256 * MAX_CHARS_PER_TOKEN]  # the tokenizer never saw the whole answer
+    question = meta["conversations"][0][0]["value"].replace("<image>", "").strip()
+    whole = build_training_example(tokenizer, question, answer, max_length=256)
+    assert part.example.input_ids == whole.input_ids and part.example.truncated_tokens > 0
+    with pytest.raises(BadSample, match="cannot fit data.max_length=256"):
+        prepare_text(raw, build_example=recording, overlong="skip", **kw)
+
