@@ -41,18 +41,23 @@ BENCHMARK_FILE = "benchmark.json"
 """Written by `python -m sharding.eval_sets` into a benchmark's output folder (names the benchmark)."""
 
 
+def _folder_and_parents(folder: str, levels: int = 2) -> list[str]:
+    """`folder` (absolute) and its first `levels` parents, nearest first."""
+    out = [os.path.abspath(folder)]
+    for _ in range(levels):
+        out.append(os.path.dirname(out[-1]))
+    return out
+
+
 def _registered_benchmark(folder: str) -> str | None:
     """The registry name recorded in the benchmark.json of `folder` or its two parents."""
-    folder = os.path.abspath(folder)
-    for _ in range(3):
-        path = os.path.join(folder, BENCHMARK_FILE)
+    for path in (os.path.join(f, BENCHMARK_FILE) for f in _folder_and_parents(folder)):
         if os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as f:
                     return (json.load(f).get("arguments") or {}).get("benchmark")
             except (OSError, ValueError, AttributeError):
                 return None
-        folder = os.path.dirname(folder)
     return None
 
 
@@ -85,8 +90,7 @@ def training_run(checkpoint_path: str) -> dict[str, str] | None:
     or None. run_info.json is looked for in the checkpoint folder and its two
     parents (<output_dir>/export/merged -> <output_dir>); a run_info.json from
     before groups were recorded falls back to the default experiment group."""
-    folder = os.path.abspath(checkpoint_path)
-    for _ in range(3):
+    for folder in _folder_and_parents(checkpoint_path):
         path = os.path.join(folder, RUN_INFO)
         if os.path.isfile(path):
             try:
@@ -99,7 +103,6 @@ def training_run(checkpoint_path: str) -> dict[str, str] | None:
             if run_id:
                 return {"output_dir": folder, "run_id": run_id,
                         "group": info.get("wandb_group") or experiment_group(folder, run_id)}
-        folder = os.path.dirname(folder)
     return None
 
 
