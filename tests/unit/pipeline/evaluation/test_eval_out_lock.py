@@ -5,6 +5,7 @@ test holds it as a live evaluation would, and runs the real command."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -26,6 +27,9 @@ def test_a_second_evaluation_into_the_same_out_is_refused(tmp_path, eval_shard):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH"))
                                                            if p)}
         env.pop("RANK", None)
+        with socket.socket() as probe:  # a free port: the default 29511 may be taken by another run
+            probe.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(probe.getsockname()[1])
         proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation", "--checkpoint", model, "--shards", shards,
                                "--out", str(out), "--num-workers", "0", "--no-progress", "--no-plots",
                                "--wandb-mode", "disabled", "--max-new-tokens", "2"],
