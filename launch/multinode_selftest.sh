@@ -14,7 +14,9 @@
 #      rank of its line, that every rank used the first host as MASTER_ADDR,
 #      and that every .deepspeed_env variable (WANDB_*, HF_*, ...) reached every
 #      rank with the same value, while a variable exported only in this shell
-#      did not (so the file, not luck, carried them).
+#      did not (so the file, not luck, carried them). Secrets (names with KEY,
+#      TOKEN, SECRET or PASSWORD) are never put in the file nor printed: W&B
+#      reads ~/.netrc on each node. The file (mode 0600) is removed at the end.
 #   2. the tiny recipe for a few optimizer steps under ZeRO-3 on all ranks,
 #      checked for a complete final checkpoint and log lines of every node.
 #
@@ -94,6 +96,12 @@ fi
 # splits each line on the first "=" (a blank line aborts the launch) and wraps
 # values in double quotes inside a remote shell command, so values holding
 # quotes, $, backquotes, backslashes or newlines cannot be carried: refuse them.
+# Secrets never go in it: DeepSpeed's runner logs the pdsh command line with an
+# `export NAME=VALUE` per line, and that command line is in `ps` on every node.
+# Variables whose name holds KEY, TOKEN, SECRET or PASSWORD (WANDB_API_KEY,
+# HF_TOKEN, ...) are left out and named (never their values); W&B reads
+# ~/.netrc (`wandb login`) and huggingface_hub its token file on each node.
+# The file is made readable by its owner only and removed when this script ends.
 if [[ $cpu == 1 ]]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 fi
@@ -101,8 +109,17 @@ export WANDB_MODE="${WANDB_MODE:-offline}"    # a selftest run should not land i
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"   # the tiny recipe needs nothing from the Hub
 export TOKENIZERS_PARALLELISM=false
 envfile="$workdir/.deepspeed_env"
-: > "$envfile.tmp"
+trap 'rm -f "$envfile" "$envfile.tmp"' EXIT
+(umask 077 && : > "$envfile.tmp")
+# A name part ending in KEY, TOKEN, SECRET or PASSWORD (WANDB_API_KEY, HF_TOKEN,
+# AWS_SECRET_ACCESS_KEY; not TOKENIZERS_PARALLELISM). The probe uses the same pattern.
+secret_name='(^|_)[A-Z0-9]*(KEY|TOKEN|SECRET|PASSWORD)S?(_|$)'
+secrets=()
 while IFS= read -r name; do
+  if [[ "${name^^}" =~ $secret_name ]]; then
+    secrets+=("$name")
+    continue
+  fi
   value="${!name}"
   if [[ "$value" == *[\"\$\`\\]* || "$value" == *$'\n'* ]]; then
     die "cannot forward $name through .deepspeed_env: its value holds a quote, \$, backquote, backslash or newline"
@@ -110,6 +127,9 @@ while IFS= read -r name; do
   printf '%s=%s\n' "$name" "$value" >> "$envfile.tmp"
 done < <(compgen -e | grep -E '^(WANDB_|HF_|HUGGING_FACE_|TRANSFORMERS_|DS_ACCELERATOR$|OMP_NUM_THREADS$|MKL_NUM_THREADS$|TOKENIZERS_PARALLELISM$|GLOO_SOCKET_IFNAME$|TORCH_)' | sort)
 mv "$envfile.tmp" "$envfile"
+if [[ ${#secrets[@]} -gt 0 ]]; then
+  echo "multinode selftest: not forwarding ${secrets[*]} (secrets stay out of .deepspeed_env, logs and command lines; W&B reads ~/.netrc, huggingface_hub its token file)" >&2
+fi
 
 # Exported here only: the probe checks that no rank sees it, which shows that the
 # remote ranks' environment is the .deepspeed_env and not this shell's.
@@ -122,7 +142,7 @@ launcher=("$ds" --hostfile "$hostfile" --master_addr "$master_addr" --master_por
 # ---------------------------------------------------------------- 1. probe
 cat > "$workdir/probe.py" <<'EOF'
 """One line per rank: who and where it is, after a real rendezvous."""
-import json, os, socket, sys
+import json, os, re, socket, sys
 import torch.distributed as td
 from deepspeed.accelerator import get_accelerator
 
@@ -135,7 +155,8 @@ me = {"rank": td.get_rank(), "world_size": td.get_world_size(), "local_rank": in
       "node_rank": int(os.environ["CROSS_RANK"]), "nnodes": int(os.environ["CROSS_SIZE"]),
       "hostname": socket.gethostname(), "ssh_server": (os.environ.get("SSH_CONNECTION") or " - - ").split()[2],
       "master_addr": os.environ["MASTER_ADDR"], "master_port": os.environ["MASTER_PORT"],
-      "env": {n: os.environ.get(n) for n in names},
+      # Values of secret-looking names are never printed (none should be in the file).
+      "env": {n: "***" if re.search(r"(^|_)[A-Z0-9]*(KEY|TOKEN|SECRET|PASSWORD)S?(_|$)", n.upper()) else os.environ.get(n) for n in names},
       "caller_only": os.environ.get("MULTINODE_SELFTEST_CALLER_ONLY")}
 everyone = [None] * td.get_world_size()
 td.all_gather_object(everyone, me)  # proves every rank reached the store and the backend
@@ -161,6 +182,7 @@ for line in open(hostfile):
         slots[m.group(1)] = int(m.group(2))
 hosts = list(slots)
 env = dict(l.split("=", 1) for l in open(envfile).read().splitlines())
+env = {k: "***" if re.search(r"(^|_)[A-Z0-9]*(KEY|TOKEN|SECRET|PASSWORD)S?(_|$)", k.upper()) else v for k, v in env.items()}
 records = []
 for line in open(log, errors="replace"):
     # pdsh prefixes every line of a remote command with "<host>: ".

@@ -48,13 +48,20 @@ scontrol show hostnames "$SLURM_JOB_NODELIST" | sed 's/$/ slots=8/' > "$HOSTFILE
 MASTER_ADDR=$(head -n1 "$HOSTFILE" | cut -d' ' -f1)
 
 # Variables the launcher does not forward to other nodes go in .deepspeed_env
-# (KEY=VALUE per line, no blank lines).
-{
-  [ -n "${WANDB_API_KEY:-}" ] && echo "WANDB_API_KEY=${WANDB_API_KEY}"
+# (KEY=VALUE per line, no blank lines). Never a secret: DeepSpeed's runner logs
+# the pdsh command line, an `export NAME=VALUE` per line, into this job's log,
+# and every node shows it in `ps`. W&B reads its key from ~/.netrc (`wandb
+# login` writes it, mode 0600) on the node of rank 0. The file is readable by
+# its owner only and removed when the job script ends.
+trap 'rm -f .deepspeed_env' EXIT
+(umask 077 && {
   echo "WANDB_MODE=${WANDB_MODE:-online}"
   echo "HF_HUB_OFFLINE=1"
   echo "OMP_NUM_THREADS=8"
-} > .deepspeed_env
+} > .deepspeed_env)
+if [ -n "${WANDB_API_KEY:-}" ]; then
+  echo "note: WANDB_API_KEY is not forwarded to the nodes (it would be logged); rank 0 uses ~/.netrc (wandb login)" >&2
+fi
 
 OUT="runs/fakereasoning-13b"
 # Set before OUT exists, so a warning that comes during start-up is not lost.

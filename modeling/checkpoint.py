@@ -63,6 +63,7 @@ from modeling.base_checkpoint import LLAVA_MODEL_TYPE
 from modeling.checkpoint_reference import NON_LORA_FILE
 from modeling.checkpoint_reference import import_reference  # noqa: F401  (public API lives here)
 from modeling.config import ModelConfig
+from modeling.atomic_files import write_atomic
 from modeling.hf_auto import MODEL_TYPE as MERGED_MODEL_TYPE
 from modeling.model_card import write_model_card
 from modeling.tokenizer_export import save_tokenizer
@@ -112,7 +113,7 @@ def _clean_tensors(model, keys) -> dict[str, torch.Tensor]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------- trainable checkpoints

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from modeling.atomic_files import plain_file_name, write_atomic
 # Adapter name peft gives the single LoRA adapter the model creates.
 ADAPTER = "default"
 # peft's save_pretrained file names (also the reference's LoRA output).
@@ -104,7 +105,10 @@ def weight_files(directory: str | Path, stems: tuple[str, ...] = ("model", "pyto
             index = d / f"{stem}{ext}.index.json"
             if index.is_file():
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [d / n for n in names]
+                try:
+                    return [d / plain_file_name(n, f"{index} weight_map") for n in names]
+                except ValueError as exc:
+                    raise CheckpointError(str(exc)) from None
             single = d / f"{stem}{ext}"
             if single.is_file():
                 return [single]
@@ -157,7 +161,7 @@ def write_weights(state: dict[str, torch.Tensor], directory: str | Path, max_sha
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    write_atomic(d / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
     return names
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from modeling.atomic_files import write_atomic
 from modeling.config import ModelConfig
 
 CARD_FILE = "README.md"
@@ -61,7 +62,7 @@ def write_model_card(folder: str | Path, kind: ExportKind, model_config: ModelCo
              _how_to_load(kind, files), _training(training),
              evaluation_section(results) if results is not None else f"{EVAL_HEADING}\n\n{_NOT_EVALUATED}\n"]
     path = out / CARD_FILE
-    path.write_text("\n".join(parts), encoding="utf-8")
+    write_atomic(path, "\n".join(parts))
     return path
 
 
@@ -248,5 +249,5 @@ def update_card_evaluation(folder: str | Path, results: Mapping | str | Path) ->
 
 
 def _write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text)
     return path

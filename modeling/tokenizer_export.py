@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modeling.atomic_files import write_atomic
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # transformers 5's class name -> the name of the same class in transformers 4 and 5.
 _PORTABLE_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
@@ -45,8 +46,8 @@ def portable_tokenizer_config(config: dict) -> dict:
 def write_portable_config(path: Path) -> None:
     """Rewrite the tokenizer_config.json at `path` in the portable form."""
     config = json.loads(path.read_text(encoding="utf-8"))
-    path.write_text(json.dumps(portable_tokenizer_config(config), indent=2, sort_keys=True, ensure_ascii=False)
-                    + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(portable_tokenizer_config(config), indent=2, sort_keys=True, ensure_ascii=False)
+                 + "\n")
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path) -> Path:

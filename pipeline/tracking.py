@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import sys
 import time
 from typing import Any
 
@@ -177,15 +178,27 @@ class Tracker:
         self.run = None
 
 
+DEFAULT_UPLOADS = "metrics, the run's config and system statistics"
+
+
+def upload_notice(cfg: WandbConfig, uploads: str) -> str:
+    """The line printed when a run goes online: where to and what (mode "auto" goes
+    online whenever credentials exist, which a user may not have in mind)."""
+    entity = cfg.entity or "your default W&B entity"
+    return (f"W&B online: uploading to {entity}, project {cfg.project!r}: {uploads} "
+            f"(wandb.mode=offline or disabled keeps everything local)")
+
+
 def start_tracking(cfg: WandbConfig, root_dir: str, config: dict, *, is_main: bool,
                    run_id: str | None = None, job_type: str | None = None,
-                   group: str | None = None) -> Tracker:
+                   group: str | None = None, uploads: str = DEFAULT_UPLOADS) -> Tracker:
     """A Tracker for this rank: a real run on global rank 0, a no-op elsewhere.
 
     `run_id`: the id stored in a checkpoint when resuming (the same run
     continues); None starts a new id, which the caller stores in checkpoints.
     `job_type`: the stage ("train", "eval"), set by the caller, not the user.
     `group`: the stage's default group; `cfg.group`, when set, wins.
+    `uploads`: what the stage sends, for the one line printed when the run goes online.
     """
     if not is_main:
         return Tracker(run_id=run_id)
@@ -195,6 +208,8 @@ def start_tracking(cfg: WandbConfig, root_dir: str, config: dict, *, is_main: bo
     if mode == "disabled":
         return Tracker(mode="disabled", run_id=run_id, group=group)
     os.makedirs(root_dir, exist_ok=True)
+    if mode == "online":
+        print(upload_notice(cfg, uploads), file=sys.stderr, flush=True)
     attempts = [mode] + (["offline"] if mode == "online" else [])
     for attempt in attempts:
         run = _try_init(cfg, root_dir, config, attempt, run_id, job_type, group)

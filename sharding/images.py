@@ -44,8 +44,16 @@ REASONS: dict[str, str] = {
     "truncated": "the image data ends before the format says it should",
     "corrupt": "the image structure or checksums are broken",
     "too_many_pixels": "width x height is above --max-pixels",
+    "side_too_long": "the longest side is above --max-side",
+    "aspect_ratio": "the longer side over the shorter is above --max-aspect-ratio",
     "unsupported_extension": "the file extension is not an image extension",
 }
+
+# Size bounds by default: the same values as the loaders' modeling.image_processing.ImageLimits
+# (a test keeps them equal; this package imports nothing from the project). A 1 KB PNG can
+# declare 1,000,000 x 1 pixels: few pixels, but padding it to a square would not be.
+DEFAULT_MAX_SIDE = 16384
+DEFAULT_MAX_ASPECT_RATIO = 20.0
 
 # Validation levels: "structure" is the default described in the module doc;
 # "header" only parses the header (fastest, misses truncation); "decode" fully
@@ -179,11 +187,27 @@ def _decode(im: Image.Image) -> None:
         raise BadImage("corrupt", f"decoding failed: {exc}") from None
 
 
-def inspect_image(data: bytes, max_pixels: int | None = None, level: str = "structure") -> ImageInfo:
+def size_problem(width: int, height: int, max_pixels: int | None, max_side: int | None,
+                 max_aspect_ratio: float | None) -> BadImage | None:
+    """The BadImage a `width` x `height` image gets under the bounds (None: no bound), or None."""
+    if max_pixels is not None and width * height > max_pixels:
+        return BadImage("too_many_pixels", f"{width}x{height} = {width * height} > {max_pixels}")
+    longest, shortest = max(width, height), min(width, height)
+    if max_side is not None and longest > max_side:
+        return BadImage("side_too_long", f"{width}x{height}: longest side {longest} > {max_side}")
+    if max_aspect_ratio is not None and shortest > 0 and longest > max_aspect_ratio * shortest:
+        return BadImage("aspect_ratio", f"{width}x{height}: {longest / shortest:.4g}:1 > {max_aspect_ratio:g}:1")
+    return None
+
+
+def inspect_image(data: bytes, max_pixels: int | None = None, level: str = "structure",
+                  max_side: int | None = None, max_aspect_ratio: float | None = None) -> ImageInfo:
     """Validate image bytes and return their header info; raise BadImage if unusable.
 
-    `max_pixels` rejects images whose width x height is above it (None: no
-    limit). `level` is one of LEVELS. The bytes are never modified.
+    `max_pixels` rejects images whose width x height is above it, `max_side`
+    those whose longest side is, `max_aspect_ratio` those whose longer side
+    over shorter side is (None: no such limit); an image over a bound is never
+    decoded. `level` is one of LEVELS. The bytes are never modified.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -194,11 +218,12 @@ def inspect_image(data: bytes, max_pixels: int | None = None, level: str = "stru
     elif level == "structure" and data.startswith(b"\xff\xd8\xff"):
         info = _check_jpeg(data)  # parses the frame header itself
     else:
-        info = _inspect_with_pil(data, max_pixels, level)
+        info = _inspect_with_pil(data, level, lambda w, h: size_problem(w, h, max_pixels, max_side, max_aspect_ratio))
     if info.width <= 0 or info.height <= 0:
         raise BadImage("corrupt", f"header gives size {info.width}x{info.height}")
-    if max_pixels is not None and info.width * info.height > max_pixels:
-        raise BadImage("too_many_pixels", f"{info.width}x{info.height} = {info.width * info.height} > {max_pixels}")
+    problem = size_problem(info.width, info.height, max_pixels, max_side, max_aspect_ratio)
+    if problem is not None:
+        raise problem
     return info
 
 
@@ -222,10 +247,10 @@ def _import_pil(data: bytes):
     return Image
 
 
-def _inspect_with_pil(data: bytes, max_pixels: int | None, level: str) -> ImageInfo:
+def _inspect_with_pil(data: bytes, level: str, too_big) -> ImageInfo:
     Image = _import_pil(data)
     with warnings.catch_warnings():
-        # Our own --max-pixels check replaces PIL's decompression-bomb guard.
+        # Our own --max-pixels / --max-side checks replace PIL's decompression-bomb guard.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
@@ -241,9 +266,8 @@ def _inspect_with_pil(data: bytes, max_pixels: int | None, level: str) -> ImageI
                 raise BadImage(reason, f"header unreadable: {msg}") from None
             with im:
                 info = ImageInfo(im.size[0], im.size[1], im.format or "UNKNOWN")
-                too_big = max_pixels is not None and info.width * info.height > max_pixels
-                # Never decode what is over the pixel limit (memory), nor at "header" level.
-                if level != "header" and not too_big and info.width > 0 and info.height > 0:
+                # Never decode what is over a size bound (memory), nor at "header" level.
+                if level != "header" and info.width > 0 and info.height > 0 and too_big(*im.size) is None:
                     _decode(im)
         finally:
             Image.MAX_IMAGE_PIXELS = saved_limit

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema
+from .json_stream import JSONStreamError, iter_json_array
 from .tar_writer import Rejection, ShardSample, StrictError
 
 COT_FILE = "forgery_reasoning_cot.json"
@@ -149,24 +150,34 @@ def _parse_record(rec: Any) -> tuple[str, list[dict[str, str]], int | None, str]
 
 
 def _read_cot(root: str, scan: MMFRScan, strict: bool) -> dict[str, list[tuple[str, list, int]]]:
-    """Valid COT records grouped by image relpath: [(record id, turns, label)]."""
-    data = _load_json(root, COT_FILE, "train", scan, strict)
-    if data is None:
+    """Valid COT records grouped by image relpath: [(record id, turns, label)].
+
+    The file is read one record at a time (json_stream.iter_json_array: memory is
+    one block and one record, not the whole file and its parse); a malformed file
+    is rejected whole, as before, with nothing taken from it."""
+    path = os.path.join(root, COT_FILE)
+    if not os.path.isfile(path):
+        scan.reject("train", Rejection(COT_FILE, "missing_json", "file not found", "file"), strict)
         return {}
-    if not isinstance(data, list):
-        scan.reject("train", Rejection(COT_FILE, "malformed_json", "top level is not a list", "file"), strict)
-        return {}
-    scan.records_seen = len(data)
     by_image: dict[str, list[tuple[str, list, int]]] = {}
-    for i, rec in enumerate(data):
-        image, turns, label, problem = _parse_record(rec)
-        rid = str(rec.get("id", i)) if isinstance(rec, dict) else str(i)
-        if problem:
-            target = set_of(image) or "train"
-            scan.reject(target, Rejection(f"{COT_FILE}[{i}]", problem,
-                                          f"record id {rid!r}, image {image!r}", "annotation"), strict)
-            continue
-        by_image.setdefault(image, []).append((rid, turns, label))
+    problems: list[tuple[str, Rejection]] = []
+    seen = 0
+    try:
+        for i, rec in enumerate(iter_json_array(path)):
+            seen += 1
+            image, turns, label, problem = _parse_record(rec)
+            rid = str(rec.get("id", i)) if isinstance(rec, dict) else str(i)
+            if problem:
+                problems.append((set_of(image) or "train", Rejection(
+                    f"{COT_FILE}[{i}]", problem, f"record id {rid!r}, image {image!r}", "annotation")))
+                continue
+            by_image.setdefault(image, []).append((rid, turns, label))
+    except (UnicodeDecodeError, JSONStreamError) as exc:
+        scan.reject("train", Rejection(COT_FILE, "malformed_json", str(exc), "file"), strict)
+        return {}
+    scan.records_seen = seen
+    for target, rejection in problems:
+        scan.reject(target, rejection, strict)
     return by_image
 
 

@@ -39,6 +39,23 @@ def _positive(text: str) -> int:
     return v
 
 
+def _ratio(text: str) -> float:
+    v = float(text)
+    if not v >= 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+def add_size_arguments(p) -> None:
+    """--max-side and --max-aspect-ratio (shared with sharding.eval_sets)."""
+    p.add_argument("--max-side", type=_positive, default=ShardOptions.max_side,
+                   help="reject images whose longest side is above this many pixels "
+                        f"(default {ShardOptions.max_side}, data.max_image_side of the loaders)")
+    p.add_argument("--max-aspect-ratio", type=_ratio, default=ShardOptions.max_aspect_ratio,
+                   help="reject images whose longer side is more than this many times the shorter "
+                        f"(default {ShardOptions.max_aspect_ratio:g}; a 1 KB PNG can declare 1000000x1 pixels)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sharding.shard_mmfr",
@@ -69,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and list bad inputs in the manifests)")
     p.add_argument("--max-pixels", type=_positive, default=ShardOptions.max_pixels,
                    help=f"reject images with more pixels than this (default {ShardOptions.max_pixels})")
+    add_size_arguments(p)
     p.add_argument("--validation", choices=LEVELS, default="structure",
                    help="image checks: 'structure' walks PNG chunks (CRC) and JPEG markers and fully "
                         "decodes other formats (default); 'decode' fully decodes everything (slow); "
@@ -109,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = ShardOptions(
         max_samples_per_shard=args.max_samples_per_shard, max_bytes_per_shard=args.max_bytes_per_shard,
-        seed=args.seed, max_pixels=args.max_pixels, validation=args.validation, strict=args.strict,
+        seed=args.seed, max_pixels=args.max_pixels, max_side=args.max_side,
+        max_aspect_ratio=args.max_aspect_ratio, validation=args.validation, strict=args.strict,
         plan_ranks=args.plan_ranks, plan_workers=args.plan_workers, workers=args.workers,
         progress=not args.no_progress, fsync=args.fsync)
     root = os.path.abspath(args.mmfr_root)

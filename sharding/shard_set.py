@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from . import manifest as mf
 from .dir_lock import LOCK_FILE, DirLock, OutputLocked  # noqa: F401 - OutputLocked is re-exported
 from .dir_lock import acquire as acquire_dir_lock
+from .images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE
 from .tar_writer import (BLOCK, Rejection, ShardJob, ShardResult, ShardSample, jobs_fingerprint,
                          shard_name, write_shard)
 from .worker_pool import start_pool
@@ -49,6 +50,8 @@ class ShardOptions:
     seed: int = 0  # seed of the interleaving permutation
     interleave: bool = True  # mix labels and sources across shards (seeded); else keep input order
     max_pixels: int | None = 178_956_970  # reject images with more pixels (PIL's bomb limit x2)
+    max_side: int | None = DEFAULT_MAX_SIDE  # reject images with a longer side (images.size_problem)
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO  # reject images more elongated than this
     validation: str = "structure"  # images.LEVELS: "header", "structure" or "decode"
     strict: bool = False  # stop at the first bad input instead of skipping it
     plan_ranks: int = 1  # ranks (nodes x GPUs) of the biggest planned job
@@ -254,7 +257,8 @@ def write_shard_sets(sets: dict[str, SetSpec], out_root: str, opts: ShardOptions
                 if os.path.basename(old) not in planned:
                     os.unlink(old)  # left by an earlier run on an input that has since shrunk
             jobs.extend(ShardJob(set_name, i, os.path.join(set_dir, shard_name(i)), sh,
-                                 opts.max_pixels, opts.validation, opts.strict, opts.fsync)
+                                 opts.max_pixels, opts.max_side, opts.max_aspect_ratio, opts.validation,
+                                 opts.strict, opts.fsync)
                         for i, sh in enumerate(shards))
         results: dict[tuple[str, int], ShardResult] = {}
         todo = []

@@ -75,6 +75,8 @@ class ShardJob:
     path: str  # final path of the tar
     samples: list[ShardSample]
     max_pixels: int | None = None  # see images.inspect_image
+    max_side: int | None = None  # see images.inspect_image
+    max_aspect_ratio: float | None = None  # see images.inspect_image
     level: str = "structure"  # validation level, see images.LEVELS
     strict: bool = False  # raise on the first bad image instead of skipping it
     fsync: bool = False  # force the shard to disk before it is reported done
@@ -277,7 +279,7 @@ def write_shard(job: ShardJob) -> ShardResult:
         for s in job.samples:
             try:
                 data = s.data if s.data is not None else read_image_bytes(s.path or "")
-                info = inspect_image(data, job.max_pixels, job.level)
+                info = inspect_image(data, job.max_pixels, job.level, job.max_side, job.max_aspect_ratio)
             except BadImage as exc:
                 if job.strict:
                     raise StrictError(f"{s.path or s.relpath}: {exc.reason}: {exc.detail}") from None

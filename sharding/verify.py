@@ -49,18 +49,28 @@ def check_shard(path: str, expected: dict, deep: bool = False) -> list[str]:
     size = os.path.getsize(path)
     if size != expected["bytes"]:
         problems.append(f"size {size} != manifest {expected['bytes']}")
-    members: dict[str, dict[str, bytes | None]] = {}
+    members: dict[str, dict[str, str | bytes | None]] = {}
+    deep_problems: list[str] = []
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
         try:
             # Stream mode reads the archive strictly in order, so one pass both
-            # parses and hashes every byte.
+            # parses and hashes every byte. Under --deep each member is hashed as it
+            # streams by and only a sample's json is kept, until its sample ends:
+            # memory stays at one json, never a shard (or one huge member).
             with tarfile.open(fileobj=reader, mode="r|") as tf:
                 for info in tf:
                     base = info.name.rsplit("/", 1)[-1]
                     key, _, ext = base.partition(".")
-                    data = tf.extractfile(info).read() if (deep and info.isfile()) else None
-                    members.setdefault(key, {})[ext] = data
+                    if deep and members and key not in members:  # the previous sample is complete
+                        last = next(reversed(members))
+                        if not deep_problems:
+                            deep_problems += _deep_check({last: members[last]})
+                        members[last] = dict.fromkeys(members[last])  # its json is not kept
+                    members.setdefault(key, {})[ext] = _member_digest(tf, info, ext) if deep else None
+                if deep and members and not deep_problems:
+                    last = next(reversed(members))
+                    deep_problems += _deep_check({last: members[last]})
         except (tarfile.TarError, EOFError, OSError) as exc:
             problems.append(f"not a readable tar: {exc}")
         digest = reader.rest()
@@ -74,18 +84,39 @@ def check_shard(path: str, expected: dict, deep: bool = False) -> list[str]:
     if len(members) != expected["samples"]:
         problems.append(f"{len(members)} samples != manifest {expected['samples']}")
     if deep and not problems:
-        problems += _deep_check(members)
+        problems += deep_problems
     return problems
 
 
-def _deep_check(members: dict[str, dict[str, bytes | None]]) -> list[str]:
+MAX_JSON_BYTES = 16 << 20
+"""Largest json member --deep reads (a sample's metadata is a few KB; a crafted header
+could declare gigabytes)."""
+
+
+def _member_digest(tf: tarfile.TarFile, info: tarfile.TarInfo, ext: str) -> str | bytes | None:
+    """A json member's bytes (None above MAX_JSON_BYTES), else the sha256 hex of the
+    member's bytes, read in 1 MiB blocks."""
+    if not info.isfile():
+        return None
+    fh = tf.extractfile(info)
+    if ext == "json":
+        return fh.read() if info.size <= MAX_JSON_BYTES else None
+    h = hashlib.sha256()
+    while chunk := fh.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _deep_check(members: dict[str, dict[str, str | bytes | None]]) -> list[str]:
     for key, m in members.items():
+        if not isinstance(m.get("json"), bytes):
+            return [f"sample {key!r} has no json member of at most {MAX_JSON_BYTES} bytes"]
         meta = json.loads(m["json"])
         missing = [f for f in schema.METADATA_FIELDS if f not in meta]
         if missing:
             return [f"sample {key!r} metadata lacks {missing}"]
         img = m.get(meta["image_ext"])
-        if img is None or hashlib.sha256(img).hexdigest() != meta["sha256"]:
+        if img is None or img != meta["sha256"]:
             return [f"sample {key!r} image bytes do not match its sha256"]
         if key != schema.sample_key(meta["relpath"]):
             return [f"sample {key!r} key does not match its relpath {meta['relpath']!r}"]
@@ -118,7 +149,13 @@ def verify(out_dir: str, deep: bool = False, out=sys.stdout) -> list[str]:
                 problems.append(f"{rel}/{name}: shard not listed in manifest.json")
         n_bad = 0
         for s in shards:
-            for p in check_shard(os.path.join(set_dir, s["name"]), s, deep):
+            name = s.get("name")
+            if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+                # Joined to the set folder: a crafted "../x" or "/abs" would be read elsewhere.
+                problems.append(f"{rel}/manifest.json: shard name {name!r} is not a plain file name")
+                n_bad += 1
+                continue
+            for p in check_shard(os.path.join(set_dir, name), s, deep):
                 problems.append(f"{rel}/{s['name']}: {p}")
                 n_bad += 1
         if sum(s["samples"] for s in shards) != manifest.get("totals", {}).get("samples"):

@@ -7,10 +7,14 @@ or command-line override points at the line to fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from modeling.config_loading import ConfigError, check_fields, load_section
+from modeling.image_processing import ImageLimits
+
+from .reader import MAX_MEMBER_BYTES
 
 
 @dataclass
@@ -23,6 +27,12 @@ class DataConfig:
     `/data/train/shard-{000000..000127}.tar` (also `pipe:`/`http(s):` URLs of
     webdataset's `gopen`). Per-shard sample counts always come from sizes.json:
     the epoch length and mid-epoch resume are computed from them."""
+
+    allow_pipe_urls: bool = False
+    """Allow `pipe:COMMAND` shard URLs (webdataset runs COMMAND in a shell for every
+    shard) and webdataset's GOPEN_REWRITE environment variable (which can turn any
+    URL into one). Off: both are refused at start-up, so a recipe or an environment
+    cannot run a shell command by naming a shard."""
 
     sizes_file: str | None = None
     """sizes.json to use with a brace pattern whose shards do not sit next to
@@ -132,6 +142,21 @@ class DataConfig:
     """Rate limit of bad-sample log lines per worker: the first 5 are logged
     one by one, then at most one summary line per this many seconds."""
 
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    """Largest tar member read into memory, in bytes (default 256 MiB); a sample with
+    a larger member is a bad sample and its bytes are never read (a tar header can
+    declare 4 GB, which every loader worker would otherwise hold)."""
+
+    max_image_side: int = ImageLimits.max_side
+    """Longest side in pixels an image may declare; checked before it is decoded
+    or padded, a larger one is a bad sample (replaced, counted). The same default
+    as the sharder's --max-side, so shards it wrote always pass."""
+
+    max_image_aspect_ratio: float = ImageLimits.max_aspect_ratio
+    """Largest longer-side / shorter-side ratio of an image (same check and default
+    as max_image_side; the sharder's --max-aspect-ratio). A 1 KB PNG can declare
+    1,000,000 x 1 pixels: cheap to decode, 3 TB once padded to a square."""
+
     def validate(self) -> "DataConfig":
         """Check field types (modeling.config_loading), values and combinations;
         raise ConfigError naming the field as data.<field>."""
@@ -142,6 +167,13 @@ class DataConfig:
 
         if not self.train_shards.strip():
             bad("train_shards", "required: a shard directory with sizes.json or a brace pattern")
+        if not self.allow_pipe_urls:
+            if self.train_shards.strip().startswith("pipe:"):
+                bad("train_shards", "a pipe: URL runs a shell command per shard; set data.allow_pipe_urls=true "
+                                    "if that is what you want")
+            if os.environ.get("GOPEN_REWRITE"):
+                raise ConfigError("GOPEN_REWRITE is set: webdataset would rewrite shard URLs with it (possibly "
+                                  "into pipe: commands); unset it, or set data.allow_pipe_urls=true")
         for name in ("batch_size", "prefetch_factor", "max_length", "pad_to_multiple_of", "group_window"):
             if getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
@@ -156,7 +188,17 @@ class DataConfig:
             bad("max_bad_fraction", "must be in [0, 1)")
         if self.bad_log_interval_s < 0:
             bad("bad_log_interval_s", "must be >= 0")
+        if self.max_member_bytes < 1:
+            bad("max_member_bytes", "must be an integer >= 1")
+        if self.max_image_side < 1:
+            bad("max_image_side", "must be an integer >= 1")
+        if not self.max_image_aspect_ratio >= 1:
+            bad("max_image_aspect_ratio", "must be a number >= 1")
         return self
+
+    def image_limits(self) -> ImageLimits:
+        """max_image_side and max_image_aspect_ratio as the loaders take them."""
+        return ImageLimits(self.max_image_side, self.max_image_aspect_ratio)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":

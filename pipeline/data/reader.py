@@ -16,6 +16,21 @@ from webdataset.tariterators import base_plus_ext
 
 from .plan import Ref
 
+MAX_MEMBER_BYTES = 256 << 20
+"""Largest tar member read into memory (DataConfig.max_member_bytes; the evaluation
+uses this default). A tar header can declare 4 GB for one member, and each loader
+worker would hold it whole; a larger member makes its sample a bad sample without
+a byte of it being read. The sharder's images are far below it (its --max-pixels
+caps a PNG near 500 MB only for pathological content)."""
+
+
+class MemberTooLarge(ValueError):
+    """A sample with a member above the size bound (the message names it)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
 
 @dataclass
 class RawSample:
@@ -31,8 +46,9 @@ class RawSample:
 class _ShardReader:
     """Sequential reader of one shard, able to pass over samples cheaply."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, max_member_bytes: int = MAX_MEMBER_BYTES):
         self.url = url
+        self.max_member_bytes = max_member_bytes
         if os.path.isfile(url):
             # Seekable mode: members we pass over are skipped with seek().
             self._tar = tarfile.open(url, mode="r:")
@@ -54,11 +70,13 @@ class _ShardReader:
             raise RuntimeError(f"{self.url}: sample {index} requested after sample {self._group}")
         key: str | None = None
         sample: dict[str, bytes] = {}
+        too_large: list[str] = []
         if self._look is not None:
             group, prefix, ext, member = self._look
             self._look = None
             if group == index:
-                key, sample[ext] = prefix, self._tar.extractfile(member).read()
+                key = prefix
+                self._take(member, ext, sample, too_large)
         for member in self._members:
             if not member.isfile():
                 continue
@@ -74,13 +92,24 @@ class _ShardReader:
                 self._look = (self._group, prefix, ext, member)
                 break
             key = prefix
-            sample[ext] = self._tar.extractfile(member).read()
+            self._take(member, ext, sample, too_large)
         if key is None:
             raise EOFError(
                 f"{self.url} holds only {self._group + 1} samples but sample {index} was "
                 "expected (sizes.json disagrees with the shard)"
             )
+        if too_large:
+            raise MemberTooLarge(key, f"sample {key}: {', '.join(too_large)} > {self.max_member_bytes} bytes "
+                                 "(data.max_member_bytes); not read")
         return key, sample
+
+    def _take(self, member: tarfile.TarInfo, ext: str, sample: dict[str, bytes], too_large: list[str]) -> None:
+        """Read one member into `sample`, unless it is over the size bound (then only named:
+        the tar reader passes over its data without keeping it)."""
+        if member.size > self.max_member_bytes:
+            too_large.append(f"member .{ext} of {member.size} bytes")
+        else:
+            sample[ext] = self._tar.extractfile(member).read()
 
     def close(self) -> None:
         self._tar.close()
@@ -97,8 +126,9 @@ class ShardCursor:
     an exception that would end the worker.
     """
 
-    def __init__(self, urls: tuple[str, ...] | list[str]):
+    def __init__(self, urls: tuple[str, ...] | list[str], max_member_bytes: int = MAX_MEMBER_BYTES):
         self._urls = urls
+        self._max_member_bytes = max_member_bytes
         self._visit: int | None = None
         self._reader: _ShardReader | None = None
         self._failed: str | None = None
@@ -109,13 +139,15 @@ class ShardCursor:
             self.close()
             self._visit, self._failed = ref.visit, None
             try:
-                self._reader = _ShardReader(url)
+                self._reader = _ShardReader(url, self._max_member_bytes)
             except Exception as e:  # noqa: BLE001 - any open failure is reported per sample
                 self._failed = f"cannot open shard: {type(e).__name__}: {e}"
         if self._failed is not None:
             return RawSample(ref, url, error=self._failed)
         try:
             key, members = self._reader.read(ref.index)
+        except MemberTooLarge as e:
+            return RawSample(ref, url, key=e.key, error=str(e))
         except EOFError as e:
             return RawSample(ref, url, error=str(e))
         except Exception as e:  # noqa: BLE001 - a corrupt tar ends this visit, not the run

@@ -8,7 +8,6 @@ resumed run, and changes between epochs.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from modeling.image_processing import ImageLimits, open_image
 from modeling.template import IGNORE_INDEX
 from sharding.schema import IMAGE_EXTENSIONS
 
@@ -34,10 +34,20 @@ TEMPLATE_ERRORS = (ValueError,)
 # PIL reports an unidentifiable, truncated or corrupt file as OSError
 # (UnidentifiedImageError is one), a broken chunk as SyntaxError, a stream cut
 # short as EOFError, bad header values as ValueError, and a too-large image as
-# DecompressionBombError (an Exception of its own).
-IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+# DecompressionBombError (an Exception of its own). An image outside
+# data.max_image_side / max_image_aspect_ratio is an ImageSizeError (a ValueError), raised before decoding.
+# MemoryError: an allocation for this one image failed (under a memory limit,
+# e.g. ulimit -v); what it allocated is freed with the exception, so the sample
+# is counted and the run goes on instead of dying on one file.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, MemoryError, Image.DecompressionBombError)
 # The image processor on a decoded image: a mode or size it cannot convert.
-IMAGE_PROCESS_ERRORS = (OSError, ValueError)
+IMAGE_PROCESS_ERRORS = (OSError, ValueError, MemoryError)
+
+
+# Text longer than max_length x this many characters cannot fit in max_length tokens
+# (no token of a tokenizer this pipeline uses spans more characters), so it is cut
+# before tokenising: a 100 MB answer is not tokenised whole to keep 2048 ids.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass
@@ -129,6 +139,15 @@ def prepare_text(raw: RawSample, *, tokenizer, build_example: Callable, seed: in
         raise BadSample("no conversation in json")
     choice = choose_conversation(len(conversations), seed, epoch, raw.key, policy)
     question, answer = question_answer(conversations[choice])
+    budget = max_length * MAX_CHARS_PER_TOKEN
+    if len(question) > budget:
+        raise BadSample(f"question of {len(question)} characters cannot fit data.max_length={max_length} tokens")
+    cut = len(answer) > budget
+    if cut and overlong != "truncate":
+        raise BadSample(f"answer of {len(answer)} characters cannot fit data.max_length={max_length} tokens "
+                        f"(data.overlong={overlong})")
+    if cut:
+        answer = answer[:budget]  # still more than max_length tokens: the template truncates as before
     try:
         if overlong == "truncate":
             ex = build_example(tokenizer, question, answer, max_length=max_length)
@@ -140,13 +159,21 @@ def prepare_text(raw: RawSample, *, tokenizer, build_example: Callable, seed: in
         raise BadSample(f"template gave {len(ex.input_ids)} ids but {len(ex.labels)} labels")
     if len(ex.input_ids) > max_length:
         raise BadSample(f"{len(ex.input_ids)} tokens > data.max_length={max_length} (data.overlong={overlong})")
+    if cut and not getattr(ex, "truncated_tokens", 0):
+        # The cut text fit after all: its end (and eos) would be trained on as if complete.
+        raise BadSample(f"answer cut to {budget} characters fits data.max_length={max_length} tokens: the "
+                        f"tokenizer has tokens longer than {MAX_CHARS_PER_TOKEN} characters")
     return TextPart(int(label), choice, ex)
 
 
 def preprocess(raw: RawSample, *, tokenizer, image_processor, build_example: Callable,
                seed: int, epoch: int, policy: str, max_length: int,
-               overlong: str = "truncate", text: TextPart | BadSample | None = None) -> Example:
+               overlong: str = "truncate", text: TextPart | BadSample | None = None,
+               image_limits: ImageLimits | None = None) -> Example:
     """Decode, preprocess and tokenise one sample; raise BadSample with the reason.
+
+    image_limits: bounds on the image's declared size, checked before it is
+    decoded (DataConfig.image_limits(); None: the defaults).
 
     text: the sample's `prepare_text` result (or the BadSample it raised) when
     the stream already computed it to sort by length; None computes it here.
@@ -160,12 +187,12 @@ def preprocess(raw: RawSample, *, tokenizer, image_processor, build_example: Cal
     if len(image_ext) != 1:
         raise BadSample(f"expected one image member, found {image_ext or sorted(raw.members)}")
     try:
-        image = Image.open(io.BytesIO(raw.members[image_ext[0]]))
-        image.load()
+        image = open_image(raw.members[image_ext[0]], image_limits or ImageLimits())
     except IMAGE_DECODE_ERRORS as e:
         raise BadSample(f"undecodable image .{image_ext[0]}: {type(e).__name__}: {e}") from None
     try:
-        pixel_values = image_processor(image)
+        with image:
+            pixel_values = image_processor(image)
     except IMAGE_PROCESS_ERRORS as e:
         raise BadSample(f"image processor failed: {type(e).__name__}: {e}") from None
     ex = text.example

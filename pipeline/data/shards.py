@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from webdataset.shardlists import expand_urls
 
+from modeling.atomic_files import plain_file_name
+
 SIZES_FILE = "sizes.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -53,6 +55,7 @@ def _load_sizes(path: str) -> dict[str, int]:
     if not isinstance(sizes, dict) or not sizes:
         raise ValueError(f"{path}: expected a non-empty object shard name -> sample count")
     for name, n in sizes.items():
+        plain_file_name(name, path)  # joined to the folder: never "../x" or "/abs"
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"{path}: count of {name!r} is {n!r}, expected an integer >= 0")
     return sizes

@@ -170,7 +170,7 @@ class ShardStream(IterableDataset):
         # Fast-forward: the batches before `skip` are drawn as references only.
         for _ in range(skip * B):
             next(shuffle)
-        cursor = ShardCursor(self.shards.urls)
+        cursor = ShardCursor(self.shards.urls, self.cfg.max_member_bytes)
         raw: dict[int, RawSample] = {}
         try:
             # The buffer's references were pulled before the resume point: read
@@ -253,7 +253,7 @@ class ShardStream(IterableDataset):
         return preprocess(sample, tokenizer=self.tokenizer, image_processor=self.image_processor,
                           build_example=self.build_example, seed=cfg.seed, epoch=self.epoch,
                           policy=cfg.conversation_choice, max_length=cfg.max_length,
-                          overlong=cfg.overlong, text=text)
+                          overlong=cfg.overlong, text=text, image_limits=cfg.image_limits())
 
     def _spare(self, who: WorkerId, batch: int, slot: int, attempt: int,
                tried: list[tuple[int, int]]) -> RawSample:
@@ -287,7 +287,7 @@ class ShardStream(IterableDataset):
                     index += 1
         else:
             index = rng.randrange(count)
-        cursor = ShardCursor(self.shards.urls)
+        cursor = ShardCursor(self.shards.urls, self.cfg.max_member_bytes)
         try:
             return cursor.get(Ref(-1, -1, shard, index))
         finally:

@@ -24,7 +24,7 @@ from .ds_config import (build_deepspeed_config, enable_universal_load, resolve_d
                         write_deepspeed_config, zero_stage)
 from .engine import (current_lrs, global_grad_norm, initialize_engine, is_universal_checkpoint,
                      load_engine_checkpoint, model_construction, param_groups, plain_construction,
-                     save_engine_checkpoint)
+                     save_engine_checkpoint, use_hashing_checkpoint_engine)
 from .process_group import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier, broadcast_object, device,
                             init_distributed, rank_banner)
 from .zero_params import full_numel, gather_state_dict, gathered, is_partitioned, partition_numels
@@ -44,6 +44,7 @@ __all__ = [
     "param_groups",
     "plain_construction",
     "save_engine_checkpoint",
+    "use_hashing_checkpoint_engine",
     "DistInfo",
     "all_gather_objects",
     "all_reduce_sum",

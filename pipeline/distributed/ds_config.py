@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from modeling.atomic_files import write_atomic
 from pipeline.training.config import TrainConfig, TrainConfigError
 
 
@@ -101,10 +102,7 @@ def write_deepspeed_config(ds_config: dict, directory: str) -> str:
     """Write ds_config.json next to the checkpoints (rank 0 only calls this)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "ds_config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(ds_config, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(ds_config, indent=2, sort_keys=True))
     return path
 
 

@@ -102,7 +102,58 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict, groups: list[dict
     clean = [{k: v for k, v in g.items() if k != "name"} for g in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=clean, config=ds_config,
                                            lr_scheduler=scheduler)
+    use_hashing_checkpoint_engine(engine)
     return engine
+
+
+class _HashingFile:
+    """A write-only file object that hashes (sha256) and counts what passes through it."""
+
+    def __init__(self, fh):
+        import hashlib
+
+        self._fh = fh
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def _hashing_engine_class():
+    """DeepSpeed's TorchCheckpointEngine, saving through _HashingFile: each file's sha256
+    is computed from the bytes as torch.save writes them, not by reading them back."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class HashingCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self, config_params=None):
+            super().__init__(config_params)
+            self.digests: dict[str, tuple[int, str]] = {}
+
+        def save(self, state_dict, path: str):
+            with open(path, "wb") as fh:
+                out = _HashingFile(fh)
+                torch.save(state_dict, out, _use_new_zipfile_serialization=self.zipfile_serialization)
+            self.digests[os.path.abspath(path)] = (out.size, out.sha256.hexdigest())
+
+    return HashingCheckpointEngine
+
+
+def use_hashing_checkpoint_engine(engine) -> bool:
+    """Give the engine the hashing variant of its checkpoint engine (DeepSpeed's
+    pluggable `engine.checkpoint_engine`), when it is the plain torch one; False
+    otherwise (then the marker's hashes are computed by reading the files back)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        return False
+    engine.checkpoint_engine = _hashing_engine_class()(engine._config)
+    return True
 
 
 def current_lrs(engine) -> list[float]:
@@ -116,10 +167,18 @@ def global_grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def save_engine_checkpoint(engine, directory: str, tag: str, client_state: dict) -> None:
+def save_engine_checkpoint(engine, directory: str, tag: str, client_state: dict) -> dict[str, list]:
     """All ranks: model/optimizer/scheduler partitions + client state under directory/tag.
-    DeepSpeed also copies its zero_to_fp32.py next to the tags."""
+    DeepSpeed also copies its zero_to_fp32.py next to the tags. Returns the files this
+    rank wrote under directory/tag as {relative path: [bytes, sha256]}, hashed while
+    written (use_hashing_checkpoint_engine; {} with another checkpoint engine)."""
     engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=True)
+    tag_dir = os.path.abspath(os.path.join(directory, tag))
+    digests = getattr(engine.checkpoint_engine, "digests", {})
+    mine = {p: v for p, v in digests.items() if p.startswith(tag_dir + os.sep)}
+    for p in mine:
+        del digests[p]
+    return {os.path.relpath(p, tag_dir): list(v) for p, v in mine.items()}
 
 
 def is_universal_checkpoint(path: str) -> bool:

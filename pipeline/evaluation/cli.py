@@ -57,6 +57,8 @@ def _perturb(text: str) -> str:
 
 
 def parse_args(argv=None):
+    from modeling.image_processing import ImageLimits  # the defaults of EvalConfig's size bounds
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="model folder: this project's export (export_merged) or training checkpoint, or the "
@@ -88,6 +90,11 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="override the checkpoint's dtype (e.g. bfloat16 on GPU)")
     g.add_argument("--num-workers", type=int, default=2, help="image decoding processes per rank (default 2)")
+    g.add_argument("--max-image-side", type=int, default=ImageLimits.max_side,
+                   help=f"an image with a longer side is a failure record, never decoded (default {ImageLimits.max_side})")
+    g.add_argument("--max-image-aspect-ratio", type=float, default=ImageLimits.max_aspect_ratio,
+                   help="likewise for longer side / shorter side (default "
+                        f"{ImageLimits.max_aspect_ratio:g}; a 1 KB PNG can declare 1000000x1 pixels)")
     g.add_argument("--reference-base-model",
                    help="for a reference LoRA training output: the model folder it was trained from")
     g = p.add_argument_group("metrics and outputs")
@@ -146,16 +153,18 @@ def main(argv=None) -> int:
         wandb=WandbConfig(project=args.wandb_project, mode=args.wandb_mode, name=args.wandb_name,
                           dir=args.wandb_dir, tags=["eval"]),
         wandb_samples=args.wandb_samples, progress=not args.no_progress, perturb=list(args.perturb),
-        calibrate_on=args.calibrate_on, face_crop=args.face_crop, restart=args.restart)
+        calibrate_on=args.calibrate_on, face_crop=args.face_crop, restart=args.restart,
+        max_image_side=args.max_image_side, max_image_aspect_ratio=args.max_image_aspect_ratio)
     cfg = checked_config(cfg.validate, args.check)  # types, values and every input path
     if isinstance(cfg, int):
         return cfg
     from pipeline.evaluation.resume import ResumeMismatch
     from pipeline.evaluation.runner import run_eval
+    from sharding.dir_lock import OutputLocked
 
     try:
         results = run_eval(cfg)
-    except ResumeMismatch as e:
+    except (ResumeMismatch, OutputLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if results is not None:

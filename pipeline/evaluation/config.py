@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from modeling.config import Dtype
 from modeling.config_loading import ConfigError, check_fields, load_section
+from modeling.image_processing import ImageLimits
 from pipeline.tracking import WandbConfig
 
 if TYPE_CHECKING:
@@ -131,6 +132,12 @@ class EvalConfig:
     face_crop: bool = False
     """Crop video frames to their largest face (OpenCV Haar cascade, extra 'face') before
     perturbations and preprocessing (pipeline/evaluation/video.py)."""
+    max_image_side: int = ImageLimits.max_side
+    """Longest side in pixels an image may declare; checked before it is decoded or
+    padded, a larger one is a failure record naming the bound (the sharder's --max-side)."""
+    max_image_aspect_ratio: float = ImageLimits.max_aspect_ratio
+    """Largest longer-side / shorter-side ratio of an image, checked likewise (the
+    sharder's --max-aspect-ratio)."""
     restart: bool = False
     """Delete the partial output of an earlier run (`out`/partial, pipeline/evaluation/resume.py)
     and score everything again; without it a rerun resumes, or refuses when its settings differ."""
@@ -170,6 +177,10 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1 or None, got {value}")
+        if self.max_image_side < 1:
+            raise ConfigError(f"max_image_side: must be >= 1, got {self.max_image_side}")
+        if not self.max_image_aspect_ratio >= 1:
+            raise ConfigError(f"max_image_aspect_ratio: must be >= 1, got {self.max_image_aspect_ratio}")
         self.perturbations()
         if self.face_crop:
             from pipeline.evaluation.video import FaceCropper
@@ -192,6 +203,10 @@ class EvalConfig:
             return parse_perturbations(self.perturb)
         except PerturbationError as exc:
             raise ConfigError(f"perturb: {exc}") from None
+
+    def image_limits(self) -> ImageLimits:
+        """max_image_side and max_image_aspect_ratio as the loader takes them."""
+        return ImageLimits(self.max_image_side, self.max_image_aspect_ratio)
 
     def generation(self) -> dict[str, Any]:
         """Effective generation settings: the protocol's, with any field set here instead."""

@@ -35,7 +35,6 @@ per-batch seeding (runner) sampled answers do not depend on either.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from modeling.image_processing import ImageLimits, open_image
 from pipeline.data.plan import Ref
 from pipeline.data.reader import ShardCursor
 from pipeline.data.shards import SIZES_FILE, discover_shards
@@ -228,15 +228,19 @@ class EvalImages(IterableDataset):
     fixed batches of the rank's list whatever the number of workers."""
 
     def __init__(self, items: Sequence[EvalItem], image_processor, batch_size: int = 1,
-                 perturbations: Sequence[Perturbation] = (), face_crop: bool = False):
+                 perturbations: Sequence[Perturbation] = (), face_crop: bool = False,
+                 image_limits: ImageLimits | None = None):
         """perturbations: each decoded image is also preprocessed under each of them
         (`perturbed` pixel values, in this order), so a robustness sweep decodes once.
-        face_crop: video frames are cropped to their largest face first (video.FaceCropper)."""
+        face_crop: video frames are cropped to their largest face first (video.FaceCropper).
+        image_limits: bounds on each image's declared size, checked before it is decoded
+        (EvalConfig.image_limits(); None: the defaults); one outside them is a failure record."""
         self.items = list(items)
         self.image_processor = image_processor
         self.batch_size = batch_size
         self.perturbations = tuple(perturbations)
         self.face_crop = face_crop
+        self.image_limits = image_limits or ImageLimits()
         self._cropper: FaceCropper | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -264,8 +268,7 @@ class EvalImages(IterableDataset):
             meta = json.loads(raw.members["json"])
             data = raw.members[meta["image_ext"]]
             video = video_of(meta.get("relpath"))
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
+            with open_image(data, self.image_limits) as im:  # size checked before decoding
                 image, face = self._crop(im) if self.face_crop and video else (im, None)
                 pixels = self.image_processor(image)
                 perturbed = [self.image_processor(p.apply(image)) for p in self.perturbations]
@@ -316,10 +319,11 @@ def read_images(refs: Sequence[tuple[str, int]]) -> list[bytes | None]:
 
 
 def make_eval_loader(items: Sequence[EvalItem], image_processor, batch_size: int, num_workers: int,
-                     perturbations: Sequence[Perturbation] = (), face_crop: bool = False) -> DataLoader:
+                     perturbations: Sequence[Perturbation] = (), face_crop: bool = False,
+                     image_limits: ImageLimits | None = None) -> DataLoader:
     # More workers than batches would leave some idle (each takes whole batches).
     workers = min(num_workers, -(-len(items) // batch_size))
-    dataset = EvalImages(items, image_processor, batch_size, perturbations, face_crop)
+    dataset = EvalImages(items, image_processor, batch_size, perturbations, face_crop, image_limits)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       collate_fn=collate, persistent_workers=False,
                       multiprocessing_context="fork" if workers else None)

@@ -68,9 +68,18 @@ def bleu1(reference: str, hypothesis: str) -> float:
         return float(sentence_bleu([reference.split()], hypothesis.split(), weights=(1, 0, 0, 0)))
 
 
+MAX_TEXT_METRIC_CHARS = 20_000
+"""Characters of a reference or answer that ROUGE-L scores: its LCS table is
+len(reference) x len(answer) tokens in pure Python, so an unbounded reference in
+a shard could stall the evaluation. MMFR references and 512-token answers are a
+few thousand characters, far below it; beyond it the text is not scored."""
+
+
 def rouge_l(reference: str, hypothesis: str) -> float:
-    """rouge-score ROUGE-L F-measure with the Porter stemmer."""
-    return float(_ROUGE.score(reference, hypothesis)["rougeL"].fmeasure)
+    """rouge-score ROUGE-L F-measure with the Porter stemmer (on the first
+    MAX_TEXT_METRIC_CHARS characters of each text)."""
+    cut = MAX_TEXT_METRIC_CHARS
+    return float(_ROUGE.score(reference[:cut], hypothesis[:cut])["rougeL"].fmeasure)
 
 
 class CSSScorer:

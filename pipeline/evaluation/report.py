@@ -25,6 +25,7 @@ from pipeline.evaluation.parsing import ALL_STATUSES, PARSEABLE_STATUSES
 from sharding.shard_set import file_digest
 from pipeline.evaluation.perturbations import parse_perturbations, robustness_markdown, robustness_results
 from pipeline.evaluation.video import VIDEO_COLUMNS, video_set_metrics
+from modeling.atomic_files import atomic_writer, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def sort_predictions(predictions: Iterable[Mapping[str, Any]]) -> list[dict[str,
 
 
 def write_predictions(path: str, predictions: Sequence[Mapping[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_writer(path) as f:
         for p in predictions:
             missing = [k for k in PREDICTION_FIELDS if k not in p]
             if missing:
@@ -380,11 +381,8 @@ def write_report(
 
         results["plots"] = write_plots(out_dir, predictions, results)
         results["plots"] += write_diagnostic_plots(out_dir, predictions, results)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(render_markdown(results))
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(os.path.join(out_dir, "results.md"), render_markdown(results))
     return results
 
 

@@ -30,11 +30,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from modeling.atomic_files import remove_tree, write_atomic
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = "partial"
@@ -128,11 +128,7 @@ def write_fingerprint(directory: str, fp: dict[str, Any]) -> None:
     """Atomically write fingerprint.json (a kill never leaves half a file)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, FINGERPRINT_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(fp, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(fp, indent=2, sort_keys=True))
 
 
 def check_fingerprint(directory: str, fp: dict[str, Any]) -> None:
@@ -206,7 +202,7 @@ def prepare(cfg, items: Sequence[Any], identity: dict[str, Any], restart: bool =
     directory = partial_dir(cfg.out)
     if restart and os.path.isdir(directory):
         log.warning("--restart: deleting the partial output in %s", directory)
-        shutil.rmtree(directory)
+        remove_tree(directory)  # refuses a symbolic link instead of emptying its target
     check_fingerprint(directory, fingerprint(cfg, items, identity))
     done, ignored = load_done(directory, len(items), cfg.batch_size)
     state = ResumeState(directory, next_attempt(directory), done, ignored)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -182,7 +183,8 @@ def score_items(scorer: Scorer, items, image_processor, cfg: EvalConfig, show_pr
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     sweep = cfg.perturbations() if perturbed is not None else []
-    loader = make_eval_loader(items, image_processor, cfg.batch_size, cfg.num_workers, sweep, cfg.face_crop)
+    loader = make_eval_loader(items, image_processor, cfg.batch_size, cfg.num_workers, sweep, cfg.face_crop,
+                              cfg.image_limits())
     bar = tqdm(total=len(items), unit="img", desc="eval", disable=not show_progress, dynamic_ncols=True)
     try:
         for batch in loader:
@@ -257,13 +259,38 @@ def plan(cfg: EvalConfig):
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
-    """Evaluate on every rank of the launched world; returns the results on rank 0."""
-    from modeling.image_processing import ImageProcessor
-    from pipeline.distributed import device as current_device
+    """Evaluate on every rank of the launched world; returns the results on rank 0.
+
+    Rank 0 holds `cfg.out`/run.lock (sharding/dir_lock.py, the training's lock)
+    for the whole run: a second evaluation into the same folder raises
+    OutputLocked on every rank, naming the holder, instead of picking the same
+    attempt number and appending to the same files."""
     from pipeline.distributed import init_distributed
+    from sharding.dir_lock import LOCK_FILE, OutputLocked, acquire
 
     cfg.validate()
     info = init_distributed()
+    lock, error = None, None
+    if info.rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        try:
+            lock = acquire(os.path.join(cfg.out, LOCK_FILE), "evaluation")
+        except OutputLocked as exc:
+            error = str(exc)
+    try:
+        error = _broadcast(error, info.world_size)
+        if error is not None:
+            raise OutputLocked(error)
+        return _run_locked(cfg, info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: EvalConfig, info) -> dict[str, Any] | None:
+    from modeling.image_processing import ImageProcessor
+    from pipeline.distributed import device as current_device
+
     rank, world = info.rank, info.world_size
     torch.manual_seed(cfg.seed)
     dev = current_device()
@@ -294,7 +321,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     scorer = Scorer(model, cfg, dev, tokenizer)
     writer = resume.PartialWriter(resume.partial_dir(cfg.out), attempt, rank, world, items, cfg.batch_size)
     try:
-        rows, _ = score_items(scorer, mine, ImageProcessor(model.config), cfg,
+        rows, _ = score_items(scorer, mine, ImageProcessor(model.config, cfg.image_limits()), cfg,
                               show_progress=cfg.progress and rank == 0, perturbed=[], on_batch=writer)
     finally:
         writer.close()

@@ -14,9 +14,11 @@ use_artifact offline, where the config is the link.
 
 Logged: per set and convention a table whose numeric columns are numbers (pct
 columns x100 like results.md, None when undefined), so W&B can sort and plot
-them; a sample of predictions with their images; the report's PNG plots as
-images; the set averages and counts in the summary. Any W&B failure is logged
-and never fails the evaluation.
+them; a sample of predictions with a thumbnail of their image (at most
+THUMBNAIL_PX on its longer side, and only for sets whose terms allow showing
+their images: `image_sets`); the report's PNG plots as images; the set
+averages and counts in the summary. Any W&B failure is logged and never fails
+the evaluation.
 """
 from __future__ import annotations
 
@@ -33,6 +35,54 @@ log = logging.getLogger(__name__)
 
 RUN_INFO = "run_info.json"
 """Written by pipeline/training/run.py into the training output folder."""
+THUMBNAIL_PX = 256
+"""Longer side of the prediction images sent to W&B (never the full-resolution file)."""
+BENCHMARK_FILE = "benchmark.json"
+"""Written by `python -m sharding.eval_sets` into a benchmark's output folder (names the benchmark)."""
+
+
+def _folder_and_parents(folder: str, levels: int = 2) -> list[str]:
+    """`folder` (absolute) and its first `levels` parents, nearest first."""
+    out = [os.path.abspath(folder)]
+    for _ in range(levels):
+        out.append(os.path.dirname(out[-1]))
+    return out
+
+
+def _registered_benchmark(folder: str) -> str | None:
+    """The registry name recorded in the benchmark.json of `folder` or its two parents."""
+    for path in (os.path.join(f, BENCHMARK_FILE) for f in _folder_and_parents(folder)):
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return (json.load(f).get("arguments") or {}).get("benchmark")
+            except (OSError, ValueError, AttributeError):
+                return None
+    return None
+
+
+def image_sets(cfg: EvalConfig) -> dict[str, bool]:
+    """Set name -> whether its images may be shown in W&B: the MMFR set yes; a benchmark
+    only when its shards name a registered benchmark whose terms allow it
+    (sharding/eval_sets/registry.py `redistributable`: off for ffpp and celeb-df); a
+    set of unknown origin no."""
+    from sharding.eval_sets.registry import BENCHMARKS
+
+    allowed = {cfg.set_name: True} if cfg.shards else {}
+    for name, path in cfg.benchmarks.items():
+        bench = BENCHMARKS.get(_registered_benchmark(path) or "")
+        allowed[name] = bool(bench and bench.redistributable)
+    return allowed
+
+
+def upload_description(cfg: EvalConfig) -> str:
+    """What an online eval run sends (the line pipeline.tracking prints)."""
+    shown = [n for n, ok in image_sets(cfg).items() if ok]
+    withheld = [n for n, ok in image_sets(cfg).items() if not ok]
+    return (f"metric tables, the report's plots, and up to {cfg.wandb_samples} predictions with "
+            f"{THUMBNAIL_PX}-px thumbnails of {', '.join(shown) or 'no set'}"
+            + (f" (no images of {', '.join(withheld)}: their terms forbid it or their origin is unknown)"
+               if withheld else ""))
 
 
 def training_run(checkpoint_path: str) -> dict[str, str] | None:
@@ -40,8 +90,7 @@ def training_run(checkpoint_path: str) -> dict[str, str] | None:
     or None. run_info.json is looked for in the checkpoint folder and its two
     parents (<output_dir>/export/merged -> <output_dir>); a run_info.json from
     before groups were recorded falls back to the default experiment group."""
-    folder = os.path.abspath(checkpoint_path)
-    for _ in range(3):
+    for folder in _folder_and_parents(checkpoint_path):
         path = os.path.join(folder, RUN_INFO)
         if os.path.isfile(path):
             try:
@@ -54,7 +103,6 @@ def training_run(checkpoint_path: str) -> dict[str, str] | None:
             if run_id:
                 return {"output_dir": folder, "run_id": run_id,
                         "group": info.get("wandb_group") or experiment_group(folder, run_id)}
-        folder = os.path.dirname(folder)
     return None
 
 
@@ -106,22 +154,36 @@ def metric_tables(results: Mapping[str, Any]) -> dict[str, Any]:
     return tables
 
 
-def predictions_table(rows: Sequence[Mapping[str, Any]], samples: int):
-    """Every len/samples-th prediction with its image (at most `samples`)."""
+def thumbnail(data: bytes):
+    """The image as RGB, its longer side at most THUMBNAIL_PX (never enlarged)."""
     import io
 
-    import wandb
     from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG: decode at a reduced scale
+        small = im.convert("RGB")
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BICUBIC)
+    return small
+
+
+def predictions_table(rows: Sequence[Mapping[str, Any]], samples: int, shown: Mapping[str, bool] | None = None):
+    """Every len/samples-th prediction with a thumbnail of its image (at most `samples`);
+    rows of a set that `shown` does not allow get no image (None: every set allowed)."""
+    import wandb
 
     from pipeline.evaluation.data import read_images
 
     step = max(1, len(rows) // max(1, samples))
     sample = list(rows[::step][:samples])
-    images = read_images([(r["shard"], r["index"]) for r in sample])
+    allowed = [shown is None or bool(shown.get(r["set"])) for r in sample]
+    images = read_images([(r["shard"], r["index"]) for r, ok in zip(sample, allowed) if ok])
+    images_iter = iter(images)
+    images = [next(images_iter) if ok else None for ok in allowed]
     table = wandb.Table(columns=["image", "set", "generator", "label", "pred", "parse_status", "p_fake",
                                  "answer", "reference"])
     for r, data in zip(sample, images):
-        img = wandb.Image(Image.open(io.BytesIO(data)).convert("RGB")) if data else None
+        img = wandb.Image(thumbnail(data)) if data else None
         table.add_data(img, r["set"], r["generator"], r["label"], r["pred"], r["parse_status"], r["p_fake"],
                        r["answer"], r["reference"])
     return table
@@ -146,7 +208,8 @@ def summary_values(results: Mapping[str, Any]) -> dict[str, Any]:
 def _log(tracker: Tracker, cfg: EvalConfig, results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
     if not tracker.use_artifact(checkpoint_artifact(results["checkpoint"])):
         log.info("W&B %s run: the checkpoint is linked by its sha256 in the config only", tracker.mode)
-    payload = {**metric_tables(results), "eval/predictions": predictions_table(rows, cfg.wandb_samples),
+    payload = {**metric_tables(results), "eval/predictions": predictions_table(rows, cfg.wandb_samples,
+                                                                                image_sets(cfg)),
                **plot_images(cfg.out, results)}
     tracker.log(payload, step=0)
     tracker.summary(summary_values(results))
@@ -158,7 +221,8 @@ def log_eval(cfg: EvalConfig, results: Mapping[str, Any], rows: Sequence[Mapping
     identity = results["checkpoint"]
     training = training_run(identity["path"])
     tracker = start_tracking(cfg.wandb, cfg.wandb.dir or cfg.out, run_config(cfg, identity, training),
-                             is_main=True, job_type="eval", group=default_group(identity, training))
+                             is_main=True, job_type="eval", group=default_group(identity, training),
+                             uploads=upload_description(cfg))
     if not tracker.active:
         return None
     try:

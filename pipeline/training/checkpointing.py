@@ -9,7 +9,16 @@ Layout under the checkpoint folder:
   global_step<N>/           one DeepSpeed tag (model + optimizer partitions + client state)
   global_step<N>/COMPLETE   written by rank 0 after every rank has finished writing
 
-A checkpoint counts only if its COMPLETE marker exists. The marker is written
+A checkpoint counts only if its COMPLETE marker exists. The marker lists every
+file of the tag with its size and sha256 (hashed while DeepSpeed writes it:
+pipeline/distributed/engine.py use_hashing_checkpoint_engine), and every file
+is checked against it before DeepSpeed loads anything, because DeepSpeed
+unpickles its optimizer state (`torch.load(weights_only=False)`): a file
+swapped after the save is refused, naming it. A checkpoint folder that another
+user owns or that group or others may write is refused as well (anyone who
+can write there can make the next resume run their code) unless
+`checkpoint.trust_foreign=true`; rank 0 removes group/other write permission
+from every tag it completes, so a run's own checkpoints always pass. The marker is written
 (atomically, fsync'd) after DeepSpeed's closing barrier, and the pointer is
 updated (atomic rename) after the marker, so a kill at any moment leaves
 either the previous complete checkpoint or the new one as "newest complete",
@@ -29,11 +38,13 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
+from modeling.atomic_files import RefusedLink, is_link, new_dir_beside, replace_dir, write_atomic
 from pipeline import distributed as dist
 from pipeline.training import checkpoint_space as space
 
@@ -127,25 +138,32 @@ class ResumePoint(NamedTuple):
     universal: bool = False
 
 
-def resolve_resume(resume: str | None, ckpt_dir: str) -> ResumePoint | None:
+def resolve_resume(resume: str | None, ckpt_dir: str, trust_foreign: bool = False) -> ResumePoint | None:
     """The checkpoint to resume from, or None for a fresh start.
 
     `resume` is "auto" (the newest complete tag in `ckpt_dir`), a complete tag
     folder of this pipeline, or a folder written by DeepSpeed's `ds_to_universal`
-    from a complete tag (to resume on a different number of ranks)."""
+    from a complete tag (to resume on a different number of ranks). Unless
+    `trust_foreign`, the chosen folder must pass `check_trusted`."""
     if resume is None:
         return None
     if resume == "auto":
         tag = newest_complete(ckpt_dir)
+        if tag and not trust_foreign:
+            check_trusted(os.path.join(ckpt_dir, tag), "checkpoint.resume=auto")
         return ResumePoint(ckpt_dir, tag) if tag else None
     path = os.path.abspath(resume.rstrip("/"))
     parent, tag = os.path.dirname(path), os.path.basename(path)
     if dist.is_universal_checkpoint(path):
         check_universal_source(path, resume)
+        if not trust_foreign:
+            check_trusted(path, f"checkpoint.resume={resume}")
         return ResumePoint(parent, tag, universal=True)
     if not is_complete(parent, tag):
         raise FileNotFoundError(f"checkpoint.resume={resume}: no {COMPLETE} marker in {path}; "
                                 "it is not a complete checkpoint of this pipeline")
+    if not trust_foreign:
+        check_trusted(path, f"checkpoint.resume={resume}")
     return ResumePoint(parent, tag)
 
 
@@ -200,38 +218,106 @@ def check_universal_source(path: str, resume: str | None = None) -> str:
     return marker_path
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def mark_complete(ckpt_dir: str, tag: str, state: TrainState, hashed: Mapping[str, list] | None = None) -> None:
+    """Rank 0, after every rank finished writing `tag`: marker, then pointer.
 
+    hashed: {relative path: [bytes, sha256]} of the files hashed while written (all
+    ranks'); a file not in it, or of another size now, is hashed here."""
+    from sharding.shard_set import file_digest
 
-def mark_complete(ckpt_dir: str, tag: str, state: TrainState) -> None:
-    """Rank 0, after every rank finished writing `tag`: marker, then pointer."""
     tag_dir = os.path.join(ckpt_dir, tag)
-    files = {}
+    files, digests = {}, {}
     for root, _, names in os.walk(tag_dir):
         for n in names:
             p = os.path.join(root, n)
-            files[os.path.relpath(p, tag_dir)] = os.path.getsize(p)
+            rel = os.path.relpath(p, tag_dir)
+            files[rel] = os.path.getsize(p)
+            known = (hashed or {}).get(rel)
+            digests[rel] = known[1] if known and known[0] == files[rel] else file_digest(p)
+    _drop_group_other_write(ckpt_dir, tag_dir)
     marker = {"tag": tag, "global_step": state.global_step, "epoch": state.epoch,
               "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-    _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps(marker, indent=1, sort_keys=True))
-    _write_atomic(os.path.join(ckpt_dir, POINTER), tag)
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files, "sha256": digests}
+    write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps(marker, indent=1, sort_keys=True))
+    write_atomic(os.path.join(ckpt_dir, POINTER), tag)
+
+
+def _drop_group_other_write(ckpt_dir: str, tag_dir: str) -> None:
+    """chmod go-w the tag folder, its files and (when ours) the checkpoint folder, so
+    that the trust check (`check_trusted`) passes for the run's own checkpoints
+    whatever the umask."""
+    paths = [tag_dir] + [os.path.join(root, n) for root, dirs, names in os.walk(tag_dir) for n in dirs + names]
+    if os.stat(ckpt_dir).st_uid == os.getuid():
+        paths.append(ckpt_dir)
+    for p in paths:
+        mode = os.lstat(p).st_mode
+        if not stat.S_ISLNK(mode) and mode & 0o022:
+            os.chmod(p, stat.S_IMODE(mode) & ~0o022)
+
+
+class UntrustedCheckpoint(OSError):
+    """A checkpoint that may have been written by someone else (the message says why)."""
+
+
+def check_trusted(folder: str, what: str) -> None:
+    """Raise UntrustedCheckpoint unless `folder`, its parent (the checkpoint folder)
+    and every file in it are owned by this user, not writable by group or others,
+    and not symbolic links. DeepSpeed unpickles checkpoint files: whoever can
+    write them can run code in every rank of the next resume."""
+    uid = os.getuid()
+    parent = os.path.dirname(os.path.abspath(folder))
+    paths = [parent, folder] + [os.path.join(root, n) for root, dirs, names in os.walk(folder) for n in dirs + names]
+    for p in paths:
+        st = os.lstat(p)
+        why = ("is a symbolic link" if stat.S_ISLNK(st.st_mode) else
+               f"is owned by uid {st.st_uid}, not this user ({uid})" if st.st_uid != uid else
+               f"is writable by {'group' if st.st_mode & 0o020 else 'others'} (mode {stat.S_IMODE(st.st_mode):o})"
+               if st.st_mode & 0o022 else None)
+        if why:
+            raise UntrustedCheckpoint(
+                f"{what}: refusing {folder}: {p} {why}. Resuming unpickles the checkpoint (DeepSpeed's "
+                f"optimizer state), so anyone who can write it can run code in every rank. Check it, then "
+                f"`chmod -R go-w` it (and take ownership), or set checkpoint.trust_foreign=true")
+
+
+def verify_files(ckpt_dir: str, tag: str, rank: int = 0, world_size: int = 1) -> str | None:
+    """Check this rank's share of `tag`'s files against the sha256 its marker lists
+    (file i of the sorted list goes to rank i mod world_size, so the ranks share
+    the reading); the problem found, naming the file, or None."""
+    from sharding.shard_set import file_digest
+
+    tag_dir = os.path.join(ckpt_dir, tag)
+    marker_path = os.path.join(tag_dir, COMPLETE)
+    try:
+        with open(marker_path, encoding="utf-8") as f:
+            marker = json.load(f)
+        digests, sizes = marker["sha256"], marker["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return (f"{marker_path} lists no sha256 per file ({type(e).__name__}: {e}); it was written before "
+                f"checkpoints recorded them, or not by this pipeline. If it is your own, resume once with "
+                f"checkpoint.trust_foreign=true")
+    on_disk = {os.path.relpath(os.path.join(root, n), tag_dir)
+               for root, _, names in os.walk(tag_dir) for n in names} - {COMPLETE}
+    if rank == 0 and on_disk - set(digests):
+        return f"{tag_dir}: files not in its marker: {sorted(on_disk - set(digests))[:5]}"
+    for i, rel in enumerate(sorted(digests)):
+        if i % world_size != rank:
+            continue
+        p = os.path.join(tag_dir, rel)
+        if not os.path.isfile(p):
+            return f"{p}: listed in {marker_path} but missing"
+        if os.path.getsize(p) != sizes.get(rel):
+            return f"{p}: {os.path.getsize(p)} bytes, the marker says {sizes.get(rel)}"
+        if file_digest(p) != digests[rel]:
+            return f"{p}: sha256 differs from the one {marker_path} recorded when it was saved"
+    return None
 
 
 def prune(ckpt_dir: str, keep_last: int) -> list[str]:
     """Delete complete checkpoints beyond the newest `keep_last`, and incomplete
-    tags older than the newest complete one (leftovers of interrupted saves)."""
+    tags older than the newest complete one (leftovers of interrupted saves).
+    A tag that is a symbolic link is left alone with a warning: deleting through
+    it would delete (or un-mark) whatever folder it points at."""
     tags = complete_tags(ckpt_dir)
     removed = []
     doomed = tags[:-keep_last] if keep_last > 0 else []
@@ -243,13 +329,16 @@ def prune(ckpt_dir: str, keep_last: int) -> list[str]:
                 doomed.append(t)
     for t in doomed:
         path = os.path.join(ckpt_dir, t)
+        if is_link(path):
+            log.warning("prune: %s is a symbolic link; not deleting through it (remove the link yourself)", path)
+            continue
         # Drop the marker first: a crash during rmtree leaves an incomplete tag, never a
         # "complete" one with missing files.
         try:
             os.remove(os.path.join(path, COMPLETE))
         except FileNotFoundError:
             pass
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)  # path is no link (checked above)
         removed.append(t)
     return removed
 
@@ -276,7 +365,7 @@ def drop_metrics_after(path: str, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        _write_atomic(path, "".join(kept))
+        write_atomic(path, "".join(kept))
         log.info("%s: dropped %d records past step %d (trained again after the resume)", path, dropped, step)
     return dropped
 
@@ -309,14 +398,14 @@ def save_checkpoint(engine, ckpt_dir: str, state: TrainState, config: dict, keep
     if space_margin > 0:  # rank 0 holds the estimate and decides for every rank
         space.check_space_everywhere(ckpt_dir, estimate or 0, space_margin, is_main)
     try:
-        dist.save_engine_checkpoint(engine, ckpt_dir, tag, state.to_client_state(config))
+        hashed = dist.save_engine_checkpoint(engine, ckpt_dir, tag, state.to_client_state(config))
     except (OSError, RuntimeError) as e:
         raise space.save_failure(e, os.path.join(ckpt_dir, tag), estimate) from e
     # DeepSpeed's save ends with a barrier, but its last file writes may be
-    # asynchronous in other checkpoint engines: one more barrier after they return.
-    dist.barrier()
+    # asynchronous in other checkpoint engines: the gather is one more barrier after they return.
+    every = dist.all_gather_objects(hashed)
     if is_main:
-        mark_complete(ckpt_dir, tag, state)
+        mark_complete(ckpt_dir, tag, state, {rel: v for h in every for rel, v in h.items()})
         removed = prune(ckpt_dir, keep_last)
         log.info("checkpoint %s complete in %.1fs%s", os.path.join(ckpt_dir, tag), time.monotonic() - t0,
                  f" (removed {', '.join(removed)})" if removed else "")
@@ -333,8 +422,19 @@ def needs_final_save(ckpt_dir: str, step: int, save_final: bool) -> bool:
     return save_final and not is_complete(ckpt_dir, tag_for(step))
 
 
-def restore_train_state(engine, ckpt_dir: str, tag: str) -> TrainState:
-    """All ranks: restore model, optimizer, scheduler and the training state."""
+def restore_train_state(engine, ckpt_dir: str, tag: str, verify: bool = True, rank: int = 0,
+                        world_size: int = 1) -> TrainState:
+    """All ranks: restore model, optimizer, scheduler and the training state.
+
+    verify: first check every file against the sha256 of the tag's marker (each
+    rank a share, `verify_files`); a problem on any rank is raised on every rank,
+    before DeepSpeed unpickles anything. Off for universal checkpoints (their
+    files are the conversion's, not the marker's) and with checkpoint.trust_foreign."""
+    if verify:
+        problems = [p for p in dist.all_gather_objects(verify_files(ckpt_dir, tag, rank, world_size)) if p]
+        if problems:
+            raise UntrustedCheckpoint(f"checkpoint {os.path.join(ckpt_dir, tag)} not loaded: {problems[0]}"
+                                      + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     client = dist.load_engine_checkpoint(engine, ckpt_dir, tag)
     state = TrainState.from_client_state(client)
     if engine.global_steps != state.global_step:
@@ -361,6 +461,8 @@ def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int,
 
     state = dist.gather_state_dict(model, rank)
     paths = {"trainable": os.path.join(out_dir, "trainable"), "merged": os.path.join(out_dir, "merged")}
+    # Each folder is built beside its final name and swapped in (atomic_files.replace_dir):
+    # a crash while exporting leaves the previous export whole, never none at all.
     if rank == 0:
         with dist.plain_construction():
             plain = build_plain_model()
@@ -370,9 +472,17 @@ def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int,
                                f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         plain.eval()
         for p in paths.values():
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-        save_trainable(plain, paths["trainable"], training=card)
-        export_merged(plain, tokenizer, paths["merged"], training=card)
+            if is_link(p):  # before the minutes of writing, not only at the swap
+                raise RefusedLink(f"export: {p} is a symbolic link; refusing to replace what it points at")
+        staged = {k: new_dir_beside(p) for k, p in paths.items()}
+        try:
+            save_trainable(plain, staged["trainable"], training=card)
+            export_merged(plain, tokenizer, staged["merged"], training=card)
+        except BaseException:
+            for d in staged.values():
+                shutil.rmtree(d, ignore_errors=True)  # our own fresh folders (mkdtemp)
+            raise
+        for k, p in paths.items():
+            replace_dir(staged[k], p)
     dist.barrier()
     return paths

@@ -128,6 +128,11 @@ class CheckpointConfig:
     warned about. 0 disables both checks."""
     export: bool = True
     """After the last step write the LoRA adapter + trainables and the merged model."""
+    trust_foreign: bool = False
+    """Resume from a checkpoint folder even when another user owns it, group or others
+    may write it, or its marker lists no sha256 per file (written before markers had
+    them), and skip the sha256 check before loading. Resuming unpickles the optimizer
+    state: only for a folder whose every writer you trust (docs/operations.md)."""
 
 
 @dataclass

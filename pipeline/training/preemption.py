@@ -55,6 +55,7 @@ from typing import Callable, Iterable
 
 # The stop signals and the mask are shared with the loader workers.
 from pipeline.process_signals import STOP_SIGNALS, signal_numbers
+from modeling.atomic_files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,8 @@ def clear_previous(output_dir: str, started_at: float) -> list[str]:
 def write_marker(output_dir: str, record: dict) -> str:
     """Rank 0: <output_dir>/PREEMPTED, atomically."""
     path = os.path.join(output_dir, MARKER_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**record, "exit_status": EXIT_PREEMPTED, "host": socket.gethostname(),
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({**record, "exit_status": EXIT_PREEMPTED, "host": socket.gethostname(),
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
     return path
 
 

@@ -21,6 +21,7 @@ from pipeline.process_signals import STOP_SIGNALS, signal_numbers
 from pipeline.training.config import TrainConfig
 from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
+from modeling.atomic_files import new_dir_beside, replace_dir, write_atomic
 from pipeline.training import preemption
 from pipeline.training.loop import CpmWatch, LoopContext, device_peak_flops, run_loop
 from pipeline.training.lr_schedule import build_schedule
@@ -91,9 +92,10 @@ def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
             from pipeline.data.corpus import tokenizer_corpus
 
             corpus = tokenizer_corpus(cfg.data.train_shards, cfg.tokenizer.corpus_samples, cfg.data.sizes_file)
-            build_bpe_tokenizer(corpus, path + ".tmp", vocab_size=cfg.tokenizer.vocab_size,
+            staged = new_dir_beside(path)  # a fresh, unpredictable name: nothing planted there is followed
+            build_bpe_tokenizer(corpus, staged, vocab_size=cfg.tokenizer.vocab_size,
                                 model_max_length=cfg.data.max_length)
-            os.replace(path + ".tmp", path)
+            replace_dir(staged, path)
             log.info("built a %d-token BPE tokenizer in %s", cfg.tokenizer.vocab_size, path)
         dist.barrier()
     return load_tokenizer(path)
@@ -125,8 +127,7 @@ def total_optimizer_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 def write_run_files(cfg: TrainConfig, ds_config: dict) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    write_atomic(os.path.join(cfg.output_dir, "train_config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dist.write_deepspeed_config(ds_config, cfg.checkpoint_dir)
 
 
@@ -167,7 +168,8 @@ def resolve_resume_everywhere(cfg: TrainConfig, info: dist.DistInfo) -> ckpt.Res
     decision: tuple[ckpt.ResumePoint | None, str | None] = (None, None)
     if info.is_main:
         try:
-            decision = (ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir), None)
+            decision = (ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir,
+                                            cfg.checkpoint.trust_foreign), None)
         except (FileNotFoundError, OSError) as e:
             decision = (None, str(e))
     point, error = dist.broadcast_object(decision)
@@ -293,7 +295,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
     state = ckpt.TrainState(data_seed=cfg.data.seed, world_size=info.world_size)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume is not None:
-        state = ckpt.restore_train_state(engine, resume.dir, resume.tag)
+        state = ckpt.restore_train_state(engine, resume.dir, resume.tag,
+                                         verify=not (resume.universal or cfg.checkpoint.trust_foreign),
+                                         rank=info.rank, world_size=info.world_size)
         saved = (state.extra or {}).get("stream")
         if saved is not None and saved != identity and info.is_main:
             log.warning("resuming with a different data stream identity (world size, workers, batch size "
@@ -323,14 +327,13 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
     state.wandb_run_id = dist.broadcast_object(tracker.run_id if info.is_main else None)
     if info.is_main:
         run_info.update(tracker.record())
-        with open(os.path.join(cfg.output_dir, "run_info.json"), "w", encoding="utf-8") as f:
-            json.dump(run_info, f, indent=1)
+        write_atomic(os.path.join(cfg.output_dir, "run_info.json"), json.dumps(run_info, indent=1))
         tracker.update_config({"run_info": {k: v for k, v in run_info.items() if k != "stream"}})
         log.info("ZeRO-%d over %d rank(s) (%s): %d parameters, %s on each rank; %d batches/epoch/rank, "
                  "%d optimizer steps", run_info["zero_stage"], info.world_size, info.backend, whole,
                  per_rank, bpe, total)
 
-    image_processor = ImageProcessor(cfg.model)
+    image_processor = ImageProcessor(cfg.model, cfg.data.image_limits())
     config_dict = cfg.to_dict()
 
     def make_loader(epoch: int, start_batch: int):
@@ -395,8 +398,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
                    "skipped_batches": state.skipped_batches}
         if info.is_main:
             tracker.summary({"final/global_step": state.global_step, "final/loop_seconds": loop_s})
-            with open(os.path.join(cfg.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=1)
+            write_atomic(os.path.join(cfg.output_dir, "train_summary.json"), json.dumps(summary, indent=1))
         exit_code = 0
         return summary
     finally:

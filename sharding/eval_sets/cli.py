@@ -9,7 +9,7 @@ from typing import Any
 
 from ..images import LEVELS
 from ..manifest import SHARDER_VERSION, dumps, write_atomic
-from ..shard_mmfr import _positive, parse_size, print_summary
+from ..shard_mmfr import _positive, add_size_arguments, parse_size, print_summary
 from ..shard_set import OptionsMismatch, OutputLocked, ShardOptions
 from ..tar_writer import StrictError
 from .common import BenchmarkScan, write_benchmark
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-samples-per-shard", type=_positive, default=1000, help="default 1000")
     g.add_argument("--max-bytes-per-shard", type=parse_size, default=parse_size("1G"), help="default 1G")
     g.add_argument("--validation", choices=LEVELS, default="structure", help="image checks (see shard_mmfr)")
+    add_size_arguments(g)
     g.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -171,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("NAME, SRC and OUT are required (or --list)")
     wopts = ShardOptions(max_samples_per_shard=args.max_samples_per_shard,
                          max_bytes_per_shard=args.max_bytes_per_shard, interleave=True,
+                         max_side=args.max_side, max_aspect_ratio=args.max_aspect_ratio,
                          validation=args.validation, strict=args.strict, workers=args.workers,
                          progress=not args.no_progress)
     try:

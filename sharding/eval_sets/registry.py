@@ -33,6 +33,9 @@ class Benchmark:
     presets: dict[str, Preset] = field(default_factory=dict)  # --preset NAME -> options over `options`
     default_preset: str | None = None  # the preset `options` already are (documentation)
     reference: str = ""  # where the layout was read (repository and files), shown by --list
+    redistributable: bool = True  # its terms allow showing its images elsewhere: the evaluation uploads
+    # prediction thumbnails of a set to W&B only when this is true (off: FaceForensics++'s and Celeb-DF's
+    # terms forbid redistributing their frames)
 
     def resolved_options(self, preset: str | None) -> dict[str, Any]:
         """The adapter options under `preset` (None: the defaults)."""
@@ -80,7 +83,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
         "SRC/{Celeb-real,YouTube-real,Celeb-synthesis}/<video>.mp4 [+ SRC/List_of_testing_videos.txt, "
         "used when present to keep the official test videos]; frames at --fps (default 1), at most "
         "--max-frames (default 16) per video; one report row",
-        {"generator": "benchmark", "auto_list": "List_of_testing_videos.txt"}),
+        {"generator": "benchmark", "auto_list": "List_of_testing_videos.txt"}, redistributable=False),
     Benchmark(
         "ffpp", "video",
         "SRC/original_sequences/youtube/<c>/videos/<target>.mp4 and "
@@ -93,7 +96,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
                  "c40": Preset("LQ: H.264 CRF 40, the paper's 'FF++ LQ'", _ffpp_level("c40")),
                  "raw": Preset("lossless (CRF 0; folder c0 or raw)", _ffpp_level("c0", "raw"))},
         default_preset="c23",
-        reference="ondyari/FaceForensics: dataset/README.md, dataset/splits/test.json"),
+        reference="ondyari/FaceForensics: dataset/README.md, dataset/splits/test.json", redistributable=False),
     Benchmark(
         "loki", "loki",
         "SRC = the LOKI root: SRC/data_json/image/true_or_false.json [+ multi_choice.json] (from the GitHub "

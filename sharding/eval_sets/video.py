@@ -16,7 +16,11 @@
   videos. Listed videos that are not found are `missing` rejections, and
   `selection` (benchmark.json) counts the videos found, kept and skipped.
 - Frames: decoded with PyAV; starting at the first frame, one frame every
-  1/fps seconds of presentation time, at most `max_frames` per video.
+  1/fps seconds of presentation time, at most `max_frames` per video. When the
+  presentation times stop advancing (a broken muxer), the nominal frame rate
+  times the rest; a video that still needs more than twice the frames its
+  rate implies (plus one second) is rejected, named, instead of being decoded
+  to its end.
 
 FaceForensics++ (ondyari/FaceForensics, dataset/README.md and
 dataset/splits/{train,val,test}.json, read at b952e41): the
@@ -65,6 +69,12 @@ VIDEO_LABEL_FOLDERS: dict[str, int] = {
     "original_sequences": 0, "manipulated_sequences": 1,
 }
 GENERATOR_RULES = ("benchmark", "first", "after_label")
+VIDEO_TIMEOUT_S = 600.0
+"""Longest wait for one video's frames from the worker processes (scan_video)."""
+
+
+class VideoTimeout(RuntimeError):
+    """A video's frame extraction did not finish in time (the message names it)."""
 
 
 def extract_frames(path: str, fps: float, max_frames: int) -> list[tuple[int, bytes]]:
@@ -76,10 +86,21 @@ def extract_frames(path: str, fps: float, max_frames: int) -> list[tuple[int, by
     with av.open(path) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 25)
-        next_t = None
+        # Frames the sampling can need at the nominal rate, doubled, plus a second:
+        # a video whose times run slower than its rate is not decoded to its end.
+        budget = 2 * int((max_frames - 1) * max(1.0, rate / fps) + 1) + int(rate)
+        next_t = prev_t = None
+        by_index = False
         for index, frame in enumerate(container.decode(stream)):
-            # Presentation time when the container has it, else the nominal rate.
-            t = float(frame.time) if frame.time is not None else index / rate
+            if index >= budget:
+                raise ValueError(f"{budget} frames decoded for {len(out)} of {max_frames} samples at {fps:g} "
+                                 f"fps: its presentation times do not advance at its rate ({rate:g} fps)")
+            # Presentation time when the container has it, else the nominal rate; once the
+            # times stop advancing (a broken muxer), the nominal rate from then on.
+            t = float(frame.time) if frame.time is not None and not by_index else index / rate
+            if prev_t is not None and t <= prev_t and not by_index:
+                by_index, t = True, index / rate
+            prev_t = t
             if next_t is None:
                 next_t = t
             if t + 1e-6 < next_t:
@@ -92,6 +113,17 @@ def extract_frames(path: str, fps: float, max_frames: int) -> list[tuple[int, by
             if len(out) >= max_frames:
                 break
     return out
+
+
+def _with_timeout(results, jobs, timeout_s: float):
+    """The results of `pool.imap` in order, each waited for at most `timeout_s`."""
+    for k in range(len(jobs)):
+        try:
+            yield results.next(timeout=timeout_s)
+        except mp.TimeoutError:
+            raise VideoTimeout(f"{jobs[k][1]}: no frames after {timeout_s:g} s (a hanging decoder?); the workers "
+                               f"were stopped. Move the video out of the way (or raise video_timeout_s) and rerun: "
+                               f"finished shards are reused") from None
 
 
 def read_pairs(path: str) -> tuple[set[str], set[str]]:
@@ -145,7 +177,10 @@ def _stem(rel: str) -> str:
 
 def scan_video(src: str, benchmark: str, out_dir: str, fps: float = 1.0, max_frames: int = 16,
                generator: str = "benchmark", include: Sequence[str] = (), video_list: str | None = None,
-               pairs_list: str | None = None, workers: int = 1, progress: bool = True) -> BenchmarkScan:
+               pairs_list: str | None = None, workers: int = 1, progress: bool = True,
+               video_timeout_s: float = VIDEO_TIMEOUT_S) -> BenchmarkScan:
+    """video_timeout_s: with worker processes, the longest wait for the next video's frames;
+    past it the workers are ended and the run stops naming the video (a hanging decoder)."""
     if fps <= 0 or max_frames < 1:
         raise ValueError(f"video adapter: fps must be > 0 and max_frames >= 1 (got {fps}, {max_frames})")
     if generator not in GENERATOR_RULES:
@@ -207,7 +242,7 @@ def scan_video(src: str, benchmark: str, out_dir: str, fps: float = 1.0, max_fra
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     pool = start_pool(ctx, workers) if workers > 1 and len(jobs) > 1 else None
     try:
-        results = pool.imap(_job, jobs) if pool else map(_job, jobs)
+        results = _with_timeout(pool.imap(_job, jobs), jobs, video_timeout_s) if pool else map(_job, jobs)
         for rel, frames, error in results:  # in job order: deterministic
             bar.update(1)
             gen, label, st = meta[rel]
@@ -218,6 +253,9 @@ def scan_video(src: str, benchmark: str, out_dir: str, fps: float = 1.0, max_fra
             for frame_rel, path, size in frames:
                 scan.add(frame_rel, gen, label, path=path, size=size,
                          fingerprint=f"{st.st_size}:{st.st_mtime_ns}:{fps}:{max_frames}")
+    except VideoTimeout:
+        pool.terminate()  # the stuck worker is ended, not waited for
+        raise
     finally:
         bar.close()
         if pool:

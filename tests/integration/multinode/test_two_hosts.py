@@ -22,6 +22,7 @@ from launch.local_run import REPO, cpu_env, deepspeed_executable
 pytestmark = pytest.mark.slow
 
 SELFTEST = os.path.join(REPO, "launch", "multinode_selftest.sh")
+FAKE_KEY, FAKE_TOKEN = "fake-wandb-key-2b9d41c7e5", "hf_fakeTokenM4p0q"
 
 
 def _caller_env(tmp: Path) -> dict:
@@ -29,7 +30,9 @@ def _caller_env(tmp: Path) -> dict:
     # Variables the ranks must see on both nodes; the selftest writes them into
     # its .deepspeed_env. None of them changes the numerics of the run.
     env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp / "wandb-dir"), WANDB_RUN_GROUP="mn-test group",
-               HF_HOME=str(tmp / "hf-home"), HF_HUB_OFFLINE="1")
+               HF_HOME=str(tmp / "hf-home"), HF_HUB_OFFLINE="1",
+               # Secrets, which must reach no file, log or command line (they are not needed offline).
+               WANDB_API_KEY=FAKE_KEY, HF_TOKEN=FAKE_TOKEN)
     return env
 
 
@@ -91,8 +94,7 @@ def test_rendezvous_used_the_first_hostfile_host(two_host_run):
 
 def test_wandb_and_hf_variables_reached_the_second_node(two_host_run):
     work = two_host_run["work"]
-    lines = (work / ".deepspeed_env").read_text().split("\n")
-    assert lines[-1] == "" and all(lines[:-1]), f"blank line in .deepspeed_env: {lines}"
+    assert not (work / ".deepspeed_env").exists()  # removed at the end (it was mode 0600)
     report = json.loads((work / "probe_report.json").read_text())
     second = next(r for r in report["ranks"] if r["pdsh_host"] == "127.0.0.3")
     env = two_host_run["env"]
@@ -100,6 +102,17 @@ def test_wandb_and_hf_variables_reached_the_second_node(two_host_run):
         assert second["env"].get(name) == env[name], (name, second["env"])
     # Only the file carried them: a variable of the launching shell did not arrive.
     assert second["caller_only"] is None
+    assert "WANDB_API_KEY" not in report["forwarded"] and "HF_TOKEN" not in report["forwarded"]
+
+
+def test_no_secret_in_any_file_log_or_output(two_host_run):
+    """probe.log and train.log hold DeepSpeed's pdsh command lines with their exports."""
+    leaks = [str(p) for p in two_host_run["work"].rglob("*") if p.is_file() and not p.is_symlink()
+             and any(s.encode() in p.read_bytes() for s in (FAKE_KEY, FAKE_TOKEN))]
+    proc = two_host_run["proc"]
+    leaks += [s for s in (FAKE_KEY, FAKE_TOKEN) if s in proc.stdout or s in proc.stderr]
+    assert not leaks, leaks
+    assert "pdsh" in (two_host_run["work"] / "train.log").read_text()  # the command lines were logged
 
 
 def test_a_blank_line_in_deepspeed_env_stops_the_launch(loopback_cluster, tmp_path):

@@ -215,3 +215,51 @@ def test_batch_stacks():
 def test_rejects_non_images():
     with pytest.raises(TypeError, match="expects a PIL image"):
         processor(56)(np.zeros((4, 4, 3)))
+
+
+# ------------------------------------------------------------------ hostile sizes
+def _canvas_then_resize(proc: ImageProcessor, image: Image.Image) -> np.ndarray:
+    """What `__call__` did before: the whole padded square, then one resize."""
+    square = proc.pad_to_square(image)
+    return np.array(square if square.size == (proc.size,) * 2 else
+                    square.resize((proc.size, proc.size), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("size", [(56, 20), (20, 56), (300, 17), (17, 300), (57, 56), (56, 57), (1, 3), (3, 1),
+                                  (200, 199), (41, 90), (90, 41), (56, 56), (130, 130), (5, 5)])
+def test_resizing_before_padding_gives_the_canvas_pixels_exactly(size):
+    proc = ImageProcessor(ModelConfig.preset("tiny"))  # 56 px: both up- and down-scaling above
+    proc.band_bytes = 600  # a few padded rows per band, so tall images take many bands
+    image = Image.fromarray(np.random.RandomState(size[0] * 977 + size[1]).randint(0, 256, size[::-1] + (3,),
+                                                                                   dtype=np.uint8))
+    assert np.array_equal(np.array(proc.pad_and_resize(image)), _canvas_then_resize(proc, image))
+
+
+def test_image_limits_are_checked_before_anything_is_allocated():
+    from modeling.image_processing import ImageLimits, ImageSizeError, check_image_size
+
+    limits = ImageLimits(max_side=1000, max_aspect_ratio=4)
+    check_image_size(1000, 250, limits)  # both bounds are inclusive
+    with pytest.raises(ImageSizeError, match=r"1001x10 image: longest side 1001 > max_side=1000"):
+        check_image_size(1001, 10, limits)
+    with pytest.raises(ImageSizeError, match=r"10x41 image: aspect ratio 4.1:1 > max_aspect_ratio=4"):
+        check_image_size(10, 41, limits)
+    with pytest.raises(ValueError, match=r"image_limits.max_aspect_ratio: must be >= 1"):
+        ImageProcessor(ModelConfig.preset("tiny"), ImageLimits(max_aspect_ratio=0.5))
+    # The processor refuses a decoded image outside its limits (a caller that skips open_image).
+    with pytest.raises(ImageSizeError, match="aspect ratio"):
+        ImageProcessor(ModelConfig.preset("tiny"))(Image.new("L", (2100, 100)))
+
+
+def test_open_image_refuses_a_million_pixel_wide_png_before_decoding_it():
+    import io
+
+    from modeling.image_processing import ImageLimits, ImageSizeError, open_image
+
+    buf = io.BytesIO()
+    Image.new("L", (1_000_000, 1)).save(buf, format="PNG", optimize=True)
+    assert len(buf.getvalue()) < 4096  # the whole attack is about 1 KB
+    with pytest.raises(ImageSizeError, match=r"1000000x1 image: longest side 1000000 > max_side=16384"):
+        open_image(buf.getvalue(), ImageLimits())
+    im = open_image(buf.getvalue(), ImageLimits(max_side=10**6, max_aspect_ratio=10**6))
+    assert im.size == (1_000_000, 1) and im.im is not None  # decoded when the limits allow it

@@ -140,3 +140,31 @@ def test_read_image_bytes_missing(tmp_path):
     with pytest.raises(BadImage) as exc:
         read_image_bytes(str(tmp_path / "dir.png"))
     assert exc.value.reason == "missing"
+
+
+@pytest.mark.parametrize("fmt,level", [("PNG", "structure"), ("JPEG", "structure"), ("WEBP", "structure"),
+                                       ("PNG", "decode")])
+def test_longest_side_and_aspect_ratio_are_bounded(fmt, level):
+    def enc(size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (9, 9, 9)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    assert inspect_image(enc((400, 20)), level=level, max_side=400, max_aspect_ratio=20).width == 400
+    with pytest.raises(BadImage) as exc:
+        inspect_image(enc((401, 200)), level=level, max_side=400, max_aspect_ratio=20)
+    assert exc.value.reason == "side_too_long" and "longest side 401 > 400" in exc.value.detail
+    with pytest.raises(BadImage) as exc:
+        inspect_image(enc((20, 401)), level=level, max_side=1000, max_aspect_ratio=20)
+    assert exc.value.reason == "aspect_ratio" and "20.05:1 > 20:1" in exc.value.detail
+
+
+def test_the_sharders_default_bounds_are_the_loaders():
+    from modeling.image_processing import ImageLimits
+    from sharding.shard_mmfr import build_parser
+    from sharding.shard_set import ShardOptions
+
+    args = build_parser().parse_args(["SRC", "OUT"])
+    assert (args.max_side, args.max_aspect_ratio) == (ShardOptions.max_side, ShardOptions.max_aspect_ratio)
+    assert (ShardOptions.max_side, ShardOptions.max_aspect_ratio) == (ImageLimits.max_side,
+                                                                     ImageLimits.max_aspect_ratio)

@@ -1,6 +1,7 @@
 """Resumption after a crash (injected and a real SIGKILL) and `sharding.verify`."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -138,3 +139,70 @@ def test_verify_sizes_and_empty_dir(mmfr, tmp_path, capsys):
     assert verify.main([str(out)]) == 1
     assert "eval/flux/sizes.json: does not match" in capsys.readouterr().err
     assert verify.main([str(tmp_path / "mmfr")]) == 1
+
+
+def _noise_set(out, n=4, side=700):
+    """A shard set of `n` noise PNGs (~1.5 MB each) in one shard."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    from sharding import schema
+    from sharding.shard_set import SetSpec, ShardOptions, write_shard_sets
+    from sharding.tar_writer import ShardSample
+
+    samples = []
+    for i in range(n):
+        buf = _io.BytesIO()
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+        rel = f"laion/{i}.png"
+        meta = {"relpath": rel, "source": "laion", "split": "train", "label": 0, "generator": "laion",
+                "conversations": [], "record_ids": [], "attributes": None, "reference": "", "has_reasoning": False}
+        samples.append(ShardSample(schema.sample_key(rel), rel, None, meta, len(buf.getvalue()), buf.getvalue(), "x"))
+    write_shard_sets({"train": SetSpec(samples)}, str(out), ShardOptions(progress=False, interleave=False))
+    return sum(s.size for s in samples)
+
+
+def test_deep_verify_holds_one_sample_not_the_shard(tmp_path):
+    """Issue 25 (item 5): --deep used to keep every member of a shard in memory."""
+    import tracemalloc
+
+    total = _noise_set(tmp_path / "out", n=6)  # ~9 MB of images; reading holds ~3 MB of 1 MiB blocks
+    tracemalloc.start()
+    try:
+        problems = verify.verify(str(tmp_path / "out"), deep=True, out=io.StringIO())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert problems == []
+    assert peak < total / 2, (peak, total)
+
+
+def test_deep_verify_still_finds_an_image_that_does_not_match_its_metadata(tmp_path):
+    import hashlib
+    import json as _json
+    import tarfile
+
+    _noise_set(tmp_path / "out", n=2, side=16)
+    train = tmp_path / "out" / "train"
+    shard = train / "shard-000000.tar"
+    members = []
+    with tarfile.open(shard) as tf:
+        for info in tf:
+            data = tf.extractfile(info).read()
+            if info.name.endswith(".json") and not members[1:]:  # the first sample's metadata
+                meta = _json.loads(data)
+                meta["sha256"] = "0" * 64
+                data = _json.dumps(meta).encode()
+            members.append((info.name, data))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    manifest = _json.loads((train / "manifest.json").read_text())
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (train / "manifest.json").write_text(_json.dumps(manifest))
+    problems = verify.verify(str(tmp_path / "out"), deep=True, out=io.StringIO())
+    assert any("image bytes do not match its sha256" in p for p in problems), problems

@@ -102,9 +102,9 @@ def test_resume_skips_without_decoding_and_opens_few_shards(tmp_path, shard_writ
     real_reader = reader_mod._ShardReader
 
     class CountingReader(real_reader):
-        def __init__(self, url):
+        def __init__(self, url, *args):
             opened.append(url)
-            super().__init__(url)
+            super().__init__(url, *args)
 
     monkeypatch.setattr(reader_mod, "_ShardReader", CountingReader)
     cfg = DataConfig(train_shards=root, batch_size=2, num_workers=0, shuffle_buffer=2, **grouping)

@@ -163,3 +163,12 @@ def test_css_of_an_empty_hypothesis_in_reference_mode(tiny_clip):
     want = torch.nn.functional.cosine_similarity(e[0:1], e[1:2]).item()
     assert ours[0] == 0.0 and got[0] == pytest.approx(want, abs=1e-6) and abs(got[0]) > 1e-3
     assert got[1] == pytest.approx(ours[1], abs=1e-6)  # non-empty hypotheses are unchanged
+
+
+def test_rouge_l_scores_a_bounded_prefix_of_an_unbounded_reference():
+    from pipeline.evaluation.metrics import MAX_TEXT_METRIC_CHARS, rouge_l
+
+    answer = "the edges are smooth and the lighting is natural"
+    reference = answer + " " + "filler words " * 200_000  # 2.6 M characters
+    assert rouge_l(reference, answer) == rouge_l(reference[:MAX_TEXT_METRIC_CHARS], answer)
+    assert rouge_l(answer, answer) == 1.0  # short texts are scored whole, as before

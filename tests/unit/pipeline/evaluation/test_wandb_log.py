@@ -167,3 +167,56 @@ def test_checkpoint_artifact_references_the_files_in_place(tmp_path):
     assert artifact.metadata["sha256"] == identity["sha256"]
     refs = {path: entry.ref for path, entry in artifact.manifest.entries.items()}
     assert refs == {name: f"file://{merged}/{name}" for name in ("config.json", "model.safetensors")}
+
+
+# ------------------------------------------------------------------ what is uploaded (issue 25, item 6)
+def test_prediction_images_are_thumbnails_and_only_of_sets_whose_terms_allow_it(tmp_path):
+    from PIL import Image
+
+    from pipeline.evaluation.config import EvalConfig
+    from pipeline.evaluation.wandb_log import THUMBNAIL_PX, image_sets, predictions_table, upload_description
+    from sharding.tar_writer import TarWriter
+
+    def bench(name, registry_name):
+        folder = tmp_path / name
+        (folder / "set").mkdir(parents=True)
+        shard = str(folder / "set" / "shard-000000.tar")
+        w = TarWriter(shard)
+        buf = io.BytesIO()
+        Image.new("RGB", (1000, 640), (200, 10, 10)).save(buf, "PNG")
+        w.add("k0.png", buf.getvalue())
+        w.add("k0.json", json.dumps({"label": 1, "generator": "g", "image_ext": "png"}).encode())
+        w.commit()
+        if registry_name:
+            (folder / "benchmark.json").write_text(json.dumps({"arguments": {"benchmark": registry_name}}))
+        return str(folder / "set"), shard
+
+    sets = {"genimage": bench("genimage", "genimage"), "ffpp": bench("ffpp", "ffpp"),
+            "celeb-df": bench("celeb-df", "celeb-df"), "mine": bench("mine", None)}
+    cfg = EvalConfig(checkpoint="x", out=str(tmp_path / "out"), benchmarks={k: v[0] for k, v in sets.items()})
+    assert image_sets(cfg) == {"genimage": True, "ffpp": False, "celeb-df": False, "mine": False}
+    assert "thumbnails of genimage (no images of ffpp, celeb-df, mine" in upload_description(cfg)
+    rows = [{"set": name, "shard": shard, "index": 0, "generator": "g", "label": 1, "pred": 1, "parse_status": "ok",
+             "p_fake": 0.9, "answer": "a", "reference": ""} for name, (_, shard) in sets.items()]
+    table = predictions_table(rows, 4, image_sets(cfg))
+    images = {row[1]: row[0] for row in table.data}
+    assert images["ffpp"] is None and images["celeb-df"] is None and images["mine"] is None
+    assert images["genimage"].image.size == (THUMBNAIL_PX, 164)  # 1000 x 640, longer side 256
+
+
+def test_an_online_run_says_where_it_uploads_and_what(wandb_env, monkeypatch, capsys):
+    from pipeline import tracking
+    from pipeline.tracking import WandbConfig, start_tracking, upload_notice
+
+    assert "your default W&B entity" in upload_notice(WandbConfig(project="fr"), "metrics")
+    # mode auto with credentials goes online; the init itself (network) is a stand-in here.
+    monkeypatch.setenv("WANDB_API_KEY", "fake-key-for-the-mode-only")
+    monkeypatch.setattr(tracking, "_try_init", lambda cfg, root, config, mode, *a: object())
+    tracker = start_tracking(WandbConfig(project="fr", entity="lab"), str(wandb_env / "w"), {}, is_main=True,
+                             uploads="metrics and 3 thumbnails")
+    assert tracker.mode == "online"
+    err = capsys.readouterr().err
+    assert "W&B online: uploading to lab, project 'fr': metrics and 3 thumbnails" in err
+    assert "fake-key-for-the-mode-only" not in err
+    start_tracking(WandbConfig(project="fr", mode="offline"), str(wandb_env / "w2"), {}, is_main=True).finish()
+    assert "uploading" not in capsys.readouterr().err
