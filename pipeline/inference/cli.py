@@ -92,6 +92,10 @@ def parse_args(argv=None):
     g.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="refuse images with more pixels, before decoding (default PIL's 89478485)")
     g.add_argument("--max-file-bytes", type=int, default=1 << 30, help="refuse larger files (default 1 GiB)")
+    g.add_argument("--max-image-side", type=int, default=16384,
+                   help="refuse images with a longer side, before decoding (default 16384)")
+    g.add_argument("--max-image-aspect-ratio", type=float, default=20.0,
+                   help="refuse images with a larger long/short side ratio, before decoding (default 20)")
     p.add_argument("--restart", action="store_true", help="ignore what --out already holds and predict everything")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="validate the settings and paths, print them, exit")
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
         reference_base_model=args.reference_base_model, detect_only=args.detect_only, evidence=args.evidence,
         evidence_top=args.evidence_top, quantize=args.quantize, video_fps=args.video_fps,
         video_max_frames=args.video_max_frames, max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes,
+        max_image_side=args.max_image_side, max_image_aspect_ratio=args.max_image_aspect_ratio,
         progress=not args.no_progress, restart=args.restart)
     cfg = checked_config(cfg.validate, args.check)
     if isinstance(cfg, int):

@@ -82,6 +82,12 @@ class PredictConfig:
     decompression-bomb limit)."""
     max_file_bytes: int = 1 << 30
     """Files larger than this are refused before reading (1 GiB)."""
+    max_image_side: int = 16384
+    """Longest side in pixels; a larger image is refused before decoding (the eval's bound,
+    modeling.image_processing.ImageLimits)."""
+    max_image_aspect_ratio: float = 20.0
+    """Longer over shorter side; a larger ratio is refused before decoding (a 1 KB PNG can
+    declare 1,000,000 x 1 pixels)."""
     progress: bool = True
     """Show a tqdm bar on standard error (rank 0)."""
     restart: bool = False
@@ -113,9 +119,11 @@ class PredictConfig:
         check_generation_fields(self)
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold: must be in [0, 1], got {self.threshold}")
-        for name in ("evidence_top", "video_max_frames", "max_pixels", "max_file_bytes"):
+        for name in ("evidence_top", "video_max_frames", "max_pixels", "max_file_bytes", "max_image_side"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.max_image_aspect_ratio >= 1:
+            raise ConfigError(f"max_image_aspect_ratio: must be >= 1, got {self.max_image_aspect_ratio}")
         if self.video_fps <= 0:
             raise ConfigError(f"video_fps: must be > 0, got {self.video_fps}")
         if self.detect_only and any(
@@ -140,6 +148,12 @@ class PredictConfig:
             except QuantizationError as exc:
                 raise ConfigError(str(exc)) from None
         return self
+
+    def image_limits(self):
+        """max_image_side and max_image_aspect_ratio as the loader takes them."""
+        from modeling.image_processing import ImageLimits
+
+        return ImageLimits(self.max_image_side, self.max_image_aspect_ratio)
 
     def settings_record(self) -> dict[str, Any]:
         """What changes a prediction (the resume key's settings part)."""

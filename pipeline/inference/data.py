@@ -34,6 +34,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from modeling.image_processing import ImageLimits, ImageSizeError, open_image
 from pipeline.inference.evidence import display_square
 from pipeline.inference.inputs import INPUT_ERRORS, Input, Source, iter_inputs
 
@@ -50,22 +51,26 @@ def file_sha256(path: str, limit: int) -> tuple[str, bytes | None]:
     return hashlib.sha256(data).hexdigest(), data
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """A loaded PIL image, refused before decoding when its header says it is too large."""
-    im = Image.open(io.BytesIO(data))
-    w, h = im.size
+def decode_image(data: bytes, max_pixels: int, limits: ImageLimits | None = None) -> Image.Image:
+    """A loaded PIL image, refused before decoding when its header says it is too large:
+    more than `max_pixels`, or outside `limits` (longest side, aspect ratio; the
+    training and evaluation loaders' own check, modeling.image_processing.open_image)."""
+    with Image.open(io.BytesIO(data)) as header:
+        w, h = header.size
     if w * h > max_pixels:
         raise ValueError(f"too_many_pixels: {w}x{h} = {w * h} > max_pixels {max_pixels}")
-    im.load()
-    return im
+    try:
+        return open_image(data, limits or ImageLimits())
+    except ImageSizeError as exc:
+        raise ValueError(f"image_size: {exc}") from None
 
 
 def image_sample(path: str, processor, evidence: bool, max_pixels: int, max_file_bytes: int,
-                 index: int = 0) -> dict[str, Any]:
+                 index: int = 0, limits: ImageLimits | None = None) -> dict[str, Any]:
     """One image file as a sample for Predictor.records (the web demo's input path;
     raises ValueError/OSError with a reason as `error_reason` names it)."""
     sha, data = file_sha256(path, max_file_bytes)
-    image = decode_image(data, max_pixels)
+    image = decode_image(data, max_pixels, limits)
     return {"index": index, "path": path, "kind": "image", "sha256": sha,
             **prepared(image, processor, evidence)}
 
@@ -82,7 +87,8 @@ def prepared(image: Image.Image, processor, evidence: bool) -> dict[str, Any]:
 class PredictImages(IterableDataset):
     def __init__(self, sources: Sequence[Source], image_processor, batch_size: int, rank: int, world: int,
                  done: frozenset[str] = frozenset(), evidence: bool = False, video_fps: float = 1.0,
-                 video_max_frames: int = 16, max_pixels: int = 89_478_485, max_file_bytes: int = 1 << 30):
+                 video_max_frames: int = 16, max_pixels: int = 89_478_485, max_file_bytes: int = 1 << 30,
+                 limits: ImageLimits | None = None):
         """done: hashes of inputs already predicted with these settings (skipped)."""
         self.sources = list(sources)
         self.processor = image_processor
@@ -92,6 +98,7 @@ class PredictImages(IterableDataset):
         self.evidence = evidence
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
         self.max_pixels, self.max_file_bytes = max_pixels, max_file_bytes
+        self.limits = limits or ImageLimits()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -131,7 +138,7 @@ class PredictImages(IterableDataset):
                     skipped += 1
                     continue
                 if frames is None:
-                    samples.append({**base, "sha256": sha, **self._image(decode_image(data, self.max_pixels))})
+                    samples.append({**base, "sha256": sha, **self._image(decode_image(data, self.max_pixels, self.limits))})
                 else:
                     for n, (frame, sample) in enumerate(frames):
                         samples.append({**base, "sha256": sha, "frame": frame, "frame_number": n,
@@ -159,7 +166,7 @@ class PredictImages(IterableDataset):
         frames = extract_frames(inp.path, self.video_fps, self.video_max_frames)
         if not frames:
             raise ValueError("no_frames: no decodable video frame")
-        return sha, [(index, self._image(decode_image(png, self.max_pixels))) for index, png in frames]
+        return sha, [(index, self._image(decode_image(png, self.max_pixels, self.limits))) for index, png in frames]
 
 
 def error_reason(exc: Exception) -> str:

@@ -6,7 +6,8 @@ finishes, to its own journal `FILE.partial/<attempt>-rank<R>.jsonl` (fsync'd,
 so a kill loses at most the run in flight); at the end rank 0 writes FILE:
 the records FILE already had, then every journal's records (each journal in
 input order, ranks merged by input position), in FILE's format, to a temporary
-file in the same folder that replaces FILE atomically, and removes the journals.
+file in the same folder that replaces FILE atomically (modeling.atomic_files), and
+removes the journals.
 
 Resuming: a scored record is keyed by the content sha256 of its input and the
 `settings_id` of the run (checkpoint files' names, sizes and modification
@@ -29,12 +30,12 @@ import heapq
 import io
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
+
+from modeling.atomic_files import atomic_writer, remove_tree
 
 CSV_COLUMNS: tuple[str, ...] = (
     "index", "path", "kind", "status", "reason", "verdict", "p_fake", "threshold", "mode",
@@ -209,40 +210,37 @@ def finalize(out: str, fmt: str, restart: bool) -> int:
             new_keys.add((rec.get("sha256"), rec.get("settings_id")))
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     written = 0
     seen: set[tuple[str, str]] = set()
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            writer = RecordWriter(fh, fmt)
-            if target.is_file() and not restart:
-                for rec in read_records(out, fmt):
-                    key = (rec.get("sha256"), rec.get("settings_id"))
-                    if rec.get("status") == "ok":
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                    elif rec.get("path") in new_paths:
-                        continue  # an old error for an input tried again in this run
-                    writer.write(_from_csv(rec) if fmt == "csv" else rec)
-                    written += 1
-            for rec in _journal_records(out):
+    with atomic_writer(out) as fh:  # a temporary beside `out`, fsync'd, os.replace'd; never through a link
+        writer = RecordWriter(fh, fmt)
+        if target.is_file() and not restart:
+            for rec in read_records(out, fmt):
                 key = (rec.get("sha256"), rec.get("settings_id"))
                 if rec.get("status") == "ok":
                     if key in seen:
-                        continue  # written by a killed finalize, or twice by a killed run
+                        continue
                     seen.add(key)
-                writer.write(rec)
+                elif rec.get("path") in new_paths:
+                    continue  # an old error for an input tried again in this run
+                writer.write(_from_csv(rec) if fmt == "csv" else rec)
                 written += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    shutil.rmtree(journal_dir(out), ignore_errors=True)
+        for rec in _journal_records(out):
+            key = (rec.get("sha256"), rec.get("settings_id"))
+            if rec.get("status") == "ok":
+                if key in seen:
+                    continue  # written by a killed finalize, or twice by a killed run
+                seen.add(key)
+            writer.write(rec)
+            written += 1
+    remove_journal(out)
     return written
+
+
+def remove_journal(out: str) -> None:
+    """Delete `out`'s journal folder (refusing a symbolic link in its place)."""
+    if journal_dir(out).exists() or journal_dir(out).is_symlink():
+        remove_tree(journal_dir(out))
 
 
 def _from_csv(row: dict[str, Any]) -> dict[str, Any]:

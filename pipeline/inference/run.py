@@ -244,9 +244,7 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
                     raise PredictUsageError("inputs: '-' (standard input) works in a single process; use --list FILE")
                 total, summary.ignored_in_folders = _count(_sources(cfg, stdin_file))
                 if cfg.restart and cfg.out is not None:
-                    import shutil
-
-                    shutil.rmtree(output.journal_dir(cfg.out), ignore_errors=True)
+                    output.remove_journal(cfg.out)
                 done = (output.done_hashes(cfg.out, fmt, sid)
                         if cfg.out is not None and not cfg.restart and fmt != "text" else set())
                 planned = (total, frozenset(done), output.new_attempt())
@@ -259,7 +257,7 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
         predictor = Predictor(cfg, model, tokenizer, dev, sid)
         dataset = PredictImages(_sources(cfg, stdin_file), ImageProcessor(model.config), cfg.batch_size, rank, world,
                                 done, cfg.evidence is not None, cfg.video_fps, cfg.video_max_frames,
-                                cfg.max_pixels, cfg.max_file_bytes)
+                                cfg.max_pixels, cfg.max_file_bytes, cfg.image_limits())
         journal = output.Journal(cfg.out, attempt, rank) if cfg.out is not None else None
         bar = tqdm(total=total, unit="input", desc="predict", disable=not (cfg.progress and rank == 0),
                    dynamic_ncols=True, file=sys.stderr)

@@ -129,7 +129,8 @@ class DemoService:
     def sample(self, path: str) -> dict[str, Any]:
         from pipeline.inference.data import image_sample
 
-        return image_sample(path, self.processor, True, self.cfg.max_pixels, self.cfg.max_file_bytes)
+        return image_sample(path, self.processor, True, self.cfg.max_pixels, self.cfg.max_file_bytes,
+                            limits=self.cfg.image_limits())
 
     def analyse(self, path: str | None):
         """Yields (record or None, partial answer, message or None, display square or None)
@@ -189,6 +190,7 @@ def readable_reason(reason: str) -> str:
     words = {
         "not_an_image": "it is not an image in a format the model reads (PNG, JPEG, WebP, BMP, GIF, TIFF).",
         "too_many_pixels": f"the image is too large ({detail.strip()}).",
+        "image_size": f"its size is outside the accepted bounds ({detail.strip()}).",
         "file_too_large": f"the file is too large ({detail.strip()}).",
         "zero_byte": "the file is empty.",
         "truncated": "the image data is cut short (truncated file).",

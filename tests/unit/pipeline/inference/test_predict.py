@@ -78,10 +78,11 @@ def test_bad_inputs_are_records_and_the_exit_status_says_what_happened(tiny_chec
     (bad / "text.jpg").write_bytes(b"this is not an image")
     (bad / "empty.png").write_bytes(b"")
     _png(bad / "big.png", (200, 100), (9, 9, 9))
+    Image.new("L", (5000, 1)).save(bad / "sliver.png")  # 50 bytes declaring 5000 x 1: refused undecoded
     (tmp_path / "nothing").mkdir()
     out = tmp_path / "p.jsonl"
     code = cli.main(["--checkpoint", tiny_checkpoint, str(bad), str(tmp_path / "gone.webp"), str(tmp_path / "nothing"),
-                     "--out", str(out), "--max-pixels", "10000", "--max-new-tokens", "4", "--num-workers", "1",
+                     "--out", str(out), "--max-pixels", "15000", "--max-new-tokens", "4", "--num-workers", "1",
                      "--no-progress"])
     err = capsys.readouterr().err
     assert code == 0
@@ -89,10 +90,11 @@ def test_bad_inputs_are_records_and_the_exit_status_says_what_happened(tiny_chec
     assert recs["good.png"]["status"] == "ok" and recs["good.png"]["path"] == good
     reasons = {n: r["reason"].split(":")[0] for n, r in recs.items() if r["status"] == "error"}
     assert reasons == {"truncated.png": "truncated", "text.jpg": "not_an_image", "empty.png": "zero_byte",
-                       "big.png": "too_many_pixels", "gone.webp": "missing", "nothing": "empty_folder"}
+                       "big.png": "too_many_pixels", "sliver.png": "image_size", "gone.webp": "missing",
+                       "nothing": "empty_folder"}
     for name in reasons:
         assert name in err  # each named on stderr
-    assert "scored 1, failed 6" in err
+    assert "scored 1, failed 7" in err
     # Nothing scoreable: exit 1; a bad value: exit 2 naming the field.
     assert cli.main(["--checkpoint", tiny_checkpoint, str(bad / "text.jpg"), "--no-progress"]) == 1
     assert cli.main(["--checkpoint", tiny_checkpoint, good, "--threshold", "1.5"]) == 2
