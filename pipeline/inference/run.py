@@ -220,6 +220,25 @@ def _broadcast(obj: Any, world: int) -> Any:
     return box[0]
 
 
+def _lock_output(cfg: PredictConfig, rank: int, world: int):
+    """Rank 0 holds OUT.lock (sharding/dir_lock.py, the training's lock) for the whole
+    run, so a second prediction into the same file stops (PredictUsageError naming the
+    holder) instead of finalizing, and deleting, the first one's journal."""
+    from sharding.dir_lock import OutputLocked, acquire
+
+    lock, error = None, None
+    if rank == 0 and cfg.out is not None:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = acquire(f"{cfg.out}.lock", "prediction")
+        except OutputLocked as exc:
+            error = str(exc)
+    error = _broadcast(error, world)
+    if error is not None:
+        raise PredictUsageError(f"out: {error}")
+    return lock
+
+
 def run_predict(cfg: PredictConfig, emit=None) -> Summary:
     """Predict every input; returns rank 0's summary (other ranks: their own).
 
@@ -234,7 +253,9 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
     stdin_file = _spool_stdin() if "-" in cfg.inputs and rank == 0 else None
     fmt = cfg.output_format()
     summary = Summary()
+    lock = None
     try:
+        lock = _lock_output(cfg, rank, world)
         model, tokenizer, _fmt = load_model(cfg)
         sid = output.settings_id(cfg.checkpoint, cfg.settings_record())
         planned: Any = None
@@ -284,6 +305,8 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
         if rank == 0 and cfg.out is not None:
             output.finalize(cfg.out, fmt, cfg.restart)
     finally:
+        if lock is not None:
+            lock.release()
         if stdin_file is not None:
             os.unlink(stdin_file)
     summary.seconds = time.perf_counter() - t0

@@ -205,3 +205,18 @@ def test_paths_on_stdin_and_text_output(tiny_checkpoint, folder, monkeypatch, ca
     text = capsys.readouterr().out
     assert text.count("p(fake)=") == 2 and "parse:" in text
     assert not any(n.startswith("fakereasoning-predict-stdin-") for n in os.listdir("/tmp"))
+
+
+def test_a_second_run_into_the_same_file_stops_naming_the_first(tiny_checkpoint, folder, tmp_path, capsys):
+    from sharding.dir_lock import acquire
+
+    out = tmp_path / "p.jsonl"
+    held = acquire(f"{out}.lock", "prediction")  # a live run in this process holds it
+    try:
+        code = cli.main(["--checkpoint", tiny_checkpoint, str(folder), "--out", str(out), "--no-progress"])
+    finally:
+        held.release()
+    assert code == 2 and "is in use by" in capsys.readouterr().err and not out.exists()
+    assert run_predict(PredictConfig(checkpoint=tiny_checkpoint, inputs=[str(folder / "0_real")], out=str(out),
+                                     **GEN)).scored == 2
+    assert not Path(f"{out}.lock").exists()
