@@ -62,6 +62,7 @@ def _checked_config(argv):
     args = parse_args(argv)
     from pipeline.cli_config import checked_config
     from pipeline.input_paths import check_train_inputs
+    from pipeline.training.batch import launcher_world_size, plan_for
     from pipeline.training.config import load_train_config
 
     overrides = list(args.overrides)
@@ -71,6 +72,8 @@ def _checked_config(argv):
     def build():
         cfg = load_train_config(args.config, overrides)
         check_train_inputs(cfg)  # every input path, for --check and at start-up alike
+        # The global batch on the launcher's world size, before a process group exists.
+        plan_for(cfg, launcher_world_size())
         return cfg
 
     return checked_config(build, args.check)
