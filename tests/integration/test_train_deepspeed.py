@@ -39,7 +39,7 @@ REQUIRED_KEYS = ("train/loss", "train/lm_loss", "train/cpm_loss", "train/cpm_acc
 
 def _common(shards: Path) -> list[str]:
     return [f"data.train_shards={shards / 'train'}", "data.batch_size=4", "data.num_workers=1",
-            "data.shuffle_buffer=50", "loop.global_batch=16", f"loop.max_steps={2 * N}",
+            "data.shuffle_buffer=50", "loop.global_batch=16", "loop.grad_accum=null", f"loop.max_steps={2 * N}",
             f"checkpoint.every_steps={N}", "checkpoint.keep_last=3", "wandb.mode=offline", "optim.lr=3e-3",
             "optim.warmup_steps=1"]
 
