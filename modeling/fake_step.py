@@ -65,9 +65,10 @@ def _frozen_aware_tracker():
     return FrozenAwareMemTracker()
 
 
-def fake_model(cfg: ModelConfig, tokenizer, fake_mode, gradient_checkpointing: bool):
+def fake_model(cfg: ModelConfig, fake_mode, gradient_checkpointing: bool, tokenizer=None):
     """The model with fake parameters (and buffers) in cfg.dtype, as DeepSpeed's
-    bf16 mode holds every parameter (the LoRA adapters included)."""
+    bf16 mode holds every parameter (the LoRA adapters included). Without a
+    tokenizer the embeddings have cfg.llm.vocab_size rows."""
     from modeling.model import FakeReasoningModel
 
     dtype = torch_dtype(cfg.dtype)
@@ -84,8 +85,18 @@ def fake_model(cfg: ModelConfig, tokenizer, fake_mode, gradient_checkpointing: b
                     m._buffers[name] = torch.zeros(b.shape, dtype=dtype if b.is_floating_point() else b.dtype)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    # As under ZeRO-3, a trainable parameter's full-size gradient does not stay on
+    # the device once computed (it is reduced into its partition in buckets, which
+    # the model-states lines of the plan count): drop it, so the peak is the step's.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_drop_grad)
     model.train()
     return model
+
+
+def _drop_grad(param: nn.Parameter) -> None:
+    param.grad = None
 
 
 def _step(model, cfg: ModelConfig, micro_batch: int, positions: int) -> torch.Tensor:
@@ -107,8 +118,8 @@ def _step(model, cfg: ModelConfig, micro_batch: int, positions: int) -> torch.Te
     return out.loss + model.config.cpm.weight * cpm
 
 
-def measure(cfg: ModelConfig, tokenizer, micro_batch: int, positions: int,
-            gradient_checkpointing: bool) -> FakeStepPeak:
+def measure(cfg: ModelConfig, micro_batch: int, positions: int, gradient_checkpointing: bool,
+            tokenizer=None) -> FakeStepPeak:
     """Peak memory of forward + backward of one micro-batch of `micro_batch`
     samples, each `positions` LLM positions long (image tokens included)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -117,7 +128,7 @@ def measure(cfg: ModelConfig, tokenizer, micro_batch: int, positions: int,
         raise ValueError(f"positions={positions} must exceed the {cfg.num_image_tokens} image tokens")
     # Non-fake inputs are the meta parameters replaced in fake_model, nothing else.
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    model = fake_model(cfg, tokenizer, mode, gradient_checkpointing)
+    model = fake_model(cfg, mode, gradient_checkpointing, tokenizer)
     tracker = _frozen_aware_tracker()
     with mode:
         tracker.track_external(model)
