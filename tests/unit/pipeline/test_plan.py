@@ -87,3 +87,11 @@ def test_plan_errors(capsys):
     assert "--plan goes with --check" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", PAPER, "--check", "--plan", "--mfu", "1.5"])
+
+
+def test_verdicts_around_the_margin():
+    from pipeline.training.plan import _verdict
+
+    assert _verdict(90, 99, 100) == "fits"
+    assert _verdict(95, 104, 100) == "tight"  # the lines fit, the fragmentation margin does not
+    assert _verdict(101, 111, 100) == "does not fit"
