@@ -22,6 +22,8 @@ import sys
 
 
 def parse_args(argv=None):
+    from pipeline.training.plan import GPUS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training recipe: a YAML file or a packaged recipe's name (tiny-cpu, fakereasoning-13b)")
     p.add_argument("--resume", default=None,
@@ -34,9 +36,8 @@ def parse_args(argv=None):
                            "--nodes x --gpus GPUs of kind --gpu (the model on the meta device; no weights read)")
     plan.add_argument("--gpus", type=int, default=8, help="GPUs per node for --plan (default 8)")
     plan.add_argument("--nodes", type=int, default=1, help="nodes for --plan (default 1)")
-    plan.add_argument("--gpu", default="h100-80gb", help="GPU kind for --plan (default h100-80gb); one of: "
-                      "h200-141gb, h100-80gb, h800-80gb, a100-80gb, a800-80gb, a100-40gb, a800-40gb, l40s-48gb, "
-                      "a6000-48gb, v100-32gb, a10-24gb, l4-24gb, rtx4090-24gb, rtx3090-24gb")
+    plan.add_argument("--gpu", default="h100-80gb", choices=list(GPUS), metavar="KIND",
+                      help=f"GPU kind for --plan (default h100-80gb): {', '.join(GPUS)}")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the time (default 0.4)")
     plan.add_argument("--samples", type=int, default=None,
                       help="training samples per epoch (default: the shard set's count, else MMFR's 100,000)")

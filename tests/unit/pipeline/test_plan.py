@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from modeling.config_loading import ConfigError
 from modeling.flops import step_flops
 from modeling.memory import activation_terms
 from pipeline.distributed.zero_memory import model_state_lines
@@ -80,8 +81,11 @@ def test_plan_errors(capsys):
     err = capsys.readouterr().err
     assert "loop.global_batch=128 is not a multiple of data.batch_size=8 x 6 rank(s) = 48" in err
     assert "loop.global_batch=96 or 144" in err
-    assert main(["--config", PAPER, "--check", "--plan", "--gpu", "h100"]) == 2
-    assert "--gpu h100: unknown; one of " + ", ".join(GPUS) in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", PAPER, "--check", "--plan", "--gpu", "h100"])
+    assert "argument --gpu: invalid choice: 'h100'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--gpu h100: unknown; one of " + ", ".join(GPUS)):
+        make_plan(load_train_config(PAPER), PlanInputs(gpu="h100"))
     with pytest.raises(SystemExit):
         main(["--config", PAPER, "--plan"])
     assert "--plan goes with --check" in capsys.readouterr().err
