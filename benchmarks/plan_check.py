@@ -3,9 +3,16 @@ forward and backward under FakeTensorMode + MemTracker (modeling.fake_step), on
 a CPU, without allocating: micro-batch 1 and 8, with and without gradient
 checkpointing.
 
-    python benchmarks/plan_check.py                       # the 13B paper shape, 2,048 positions (slow on a CPU)
+    python benchmarks/plan_check.py --llm-layers 8        # benchmarks/results/plan_check.json (about 100 s a case)
     python benchmarks/plan_check.py --shape reduced       # what tests/unit/modeling/test_memory.py runs
-    python benchmarks/plan_check.py --llm-layers 4        # the paper's widths with fewer decoder layers
+    python benchmarks/plan_check.py                       # all 40 decoder layers: very slow, see below
+
+MemTracker's bookkeeping grows faster than linearly with the model's depth: on a
+2-core CPU the paper's widths with 8 of the 40 decoder layers take about 100 s
+per case, while one case with all 40 had not finished after 4 CPU minutes (tried twice). The
+formula is linear in the layers and its per-layer term matches the fake step
+exactly (2, 4 and 8 layers), so the 8-layer run is the paper-shape check: every
+width, the vocabulary, the image side, LoRA and 2,048 positions of the recipe.
 
 Prints a table (formula, measured, ratio) and writes JSON (--out, default
 benchmarks/results/plan_check.json). The formula is taken for the CPU's kernels

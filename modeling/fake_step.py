@@ -102,14 +102,15 @@ def _drop_grad(param: nn.Parameter) -> None:
 def _step(model, cfg: ModelConfig, micro_batch: int, positions: int) -> torch.Tensor:
     """One micro-step's loss (see the module docstring); runs inside the fake mode."""
     n = cfg.num_image_tokens
-    text = positions - n
+    text = positions - n + 1  # the text tokens, the image placeholder among them
     pixels = torch.zeros(micro_batch, 3, cfg.image_size, cfg.image_size, dtype=torch.float32)
     ids = torch.zeros(micro_batch, text, dtype=torch.long)
     lm = causal_lm(model.llm)
     features = model.encode_images(pixels)
     text_embeds = lm.get_input_embeddings()(ids)
     at = 40 if text > 80 else text // 2  # the placeholder's position: after the system prompt
-    embeds = torch.cat([text_embeds[:, :at], features.to(text_embeds.dtype), text_embeds[:, at:]], dim=1)
+    # The placeholder's row replaced by the image tokens, as merge_image_features does.
+    embeds = torch.cat([text_embeds[:, :at], features.to(text_embeds.dtype), text_embeds[:, at + 1:]], dim=1)
     labels = torch.zeros(micro_batch, positions, dtype=torch.long)
     out = lm(inputs_embeds=embeds, labels=labels, use_cache=False)
     # The CPM: the real/fake pair of logits at one position per sample, tempered softmax, cross-entropy.

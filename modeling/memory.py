@@ -27,7 +27,9 @@ Per LLM decoder layer and position (LLaMA with LoRA, frozen base):
   mask on the F-wide input.
 With gradient checkpointing a layer keeps only its input (a.d) and its
 arguments (the boolean padding mask, b.L^2 bytes, and the position ids,
-shared by all layers); one layer's activations come back during its
+shared by all layers), and the text embeddings stay (a.d per text position:
+transformers makes them require grad so that the gradient reaches the
+checkpointed layers); one layer's activations come back during its
 backward, after the logits' memory is gone (recompute_bytes).
 
 Outside the layers, per sample:
@@ -160,6 +162,11 @@ def activation_terms(cfg: ModelConfig, micro_batch: int, positions: int, gradien
         mask = b * L * L if cfg.llm.attn_implementation in ("sdpa", "eager") else 0
         layers.append(ActTerm("llm_layers", "checkpoint arguments (bool mask, position ids)",
                               float(mask + 8 * L), "b.L^2 + 8L" if mask else "8L"))
+        # transformers' gradient_checkpointing_enable makes the (frozen) input embeddings'
+        # output require grad (enable_input_require_grads): a leaf the graph keeps to the backward.
+        text = L - cfg.num_image_tokens + 1
+        layers.append(ActTerm("llm_layers", "text embeddings (a leaf under checkpointing)",
+                              float(b * a * d * text), f"b.{a}.d.(L-N+1)"))
     else:
         layers = [ActTerm("llm_layers", "decoder layers", b * n_layers * layer, f"b.n.L.({layer_formula})")]
     head = [ActTerm("llm_head", "final norm", float(b * (4 * d + 4) * L), "b.(4d+4).L"),
