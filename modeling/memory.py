@@ -41,13 +41,18 @@ Outside the layers, per sample:
 - image side (trained projectors and fusion; towers frozen and run without
   grad): each projector keeps its tower's hidden state (a.(N+1).D_t) and
   2.a.N.d; the fusion's attention-bias network keeps DINO's map and two
-  2H_d-channel maps (10.H_d.N^2 at 2 bytes); its cross-attention, layer norms,
-  dropouts and FFN keep (28 + 6m).N.d bytes on the CPU's math attention
-  (float32 q, k, v, scores) or about half on CUDA's memory-efficient kernel
-  (bf16 q, k, v, output, the bias and its log-sum-exp); see _image_terms.
+  2H_d-channel maps (5.a.H_d.N^2); its cross-attention, whose bias is trained,
+  keeps 12.N.d + 12.H.N^2 on the CPU (the float32 math kernel: q, k, v,
+  softmax, dropout mask and output) and a.(4.N.d + H.N^2) + 4.H.N on CUDA's
+  memory-efficient kernel (q, k, v, output, the bias, the log-sum-exp); its
+  projections, layer norms and FFN a.(6 + 2m).N.d, plus dropout masks.
 
-modeling/fake_step.py measures the same step under FakeTensorMode; the
-README and tests/unit/modeling/test_memory.py give the agreement.
+modeling/fake_step.py measures the same step under FakeTensorMode on a CPU:
+the CPU variant (device="cpu") equals its peak to a few bytes per micro-batch
+(tests/unit/modeling/test_memory.py, benchmarks/plan_check.py). What only a GPU
+can check: the CUDA variant's 1-byte dropout masks and memory-efficient fusion
+attention. Not checked at all: LoRA dropout 0, a full fine-tune (lora.enabled
+false) and eager attention.
 """
 from __future__ import annotations
 

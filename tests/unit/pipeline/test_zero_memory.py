@@ -9,7 +9,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from pipeline.distributed.zero_memory import model_state_lines, zero3_buffer_lines
 
 # The paper model's counts (fakereasoning-13b: LoRA r=128, projectors, fusion; towers and LLM frozen).
-TRAINABLE, FROZEN, LARGEST = 878_317_568, 13_622_677_504, 163_840_000
+TRAINABLE, FROZEN, LARGEST = 878_270_512, 13_622_928_384, 163_840_000
 
 
 def _sum(lines) -> int:
