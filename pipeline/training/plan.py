@@ -112,12 +112,16 @@ def planned_model_config(cfg: TrainConfig):
     if m.llm.path:
         from modeling.base_checkpoint import inspect_base
 
-        base = inspect_base(m.llm.path)
-        config = base.llm_config()
-        if config is None:
-            from transformers import AutoConfig
+        try:
+            config = inspect_base(m.llm.path).llm_config()
+            if config is None:
+                from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(m.llm.path)
+                config = AutoConfig.from_pretrained(m.llm.path)
+        except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+            text = str(e)
+            raise ConfigError(text if text.startswith("llm.path=") else f"model.llm.path={m.llm.path}: {text}") \
+                from None
         _check_shape_fields(m.llm, config)
         m.llm.vocab_size = int(config.vocab_size)
     if not m.llm.vocab_size:

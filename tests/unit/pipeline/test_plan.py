@@ -99,3 +99,32 @@ def test_verdicts_around_the_margin():
     assert _verdict(90, 99, 100) == "fits"
     assert _verdict(95, 104, 100) == "tight"  # the lines fit, the fragmentation margin does not
     assert _verdict(101, 111, 100) == "does not fit"
+
+
+def test_the_llms_shape_and_vocabulary_come_from_its_folder(tmp_path):
+    """model.llm.path set: its config.json gives the vocabulary (no weights read) and
+    must agree with the llm.* fields, as at the run's start."""
+    from safetensors.torch import save_file
+    import torch
+
+    from modeling.config import ModelConfig
+
+    llm = ModelConfig.preset("tiny").llm
+    folder = tmp_path / "base"
+    folder.mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": llm.hidden_size,
+              "intermediate_size": llm.intermediate_size, "num_hidden_layers": llm.num_layers,
+              "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads, "vocab_size": 777,
+              "rms_norm_eps": llm.rms_norm_eps, "max_position_embeddings": llm.max_position_embeddings}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"model.embed_tokens.weight": torch.zeros(777, llm.hidden_size)}, str(folder / "model.safetensors"))
+    cfg = load_train_config("tiny-cpu", [f"model.llm.path={folder}"])
+    plan = make_plan(cfg, PlanInputs(gpus_per_node=2, gpu="l4-24gb"))
+    assert planned_model_config(cfg).llm.vocab_size == 777 and planned_model_config(cfg).llm.path is None
+    assert "vocabulary 777" in {x["name"]: x["formula"] for x in plan.memory_lines}["logits"]
+    config["hidden_size"] = 2 * llm.hidden_size
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"llm.hidden_size={llm.hidden_size} but the model has"):
+        make_plan(cfg, PlanInputs())
+    with pytest.raises(ConfigError, match=r"llm.path=.*config.json: not a directory"):
+        make_plan(load_train_config("tiny-cpu", [f"model.llm.path={folder / 'config.json'}"]), PlanInputs())
