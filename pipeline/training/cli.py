@@ -14,6 +14,10 @@ also shows as launch/recipes/). Anything after the recipe is a
 `dotted.field=value` override of the recipe (values are YAML: 1e-4, true,
 null, [0.9, 0.95]). This file only parses arguments; pipeline/training/run.py
 does the work.
+
+Before queueing, without a GPU (pipeline/training/plan.py):
+
+    fakereasoning-train --config fakereasoning-13b --check --plan --gpus 8 --gpu a800-40gb
 """
 from __future__ import annotations
 
