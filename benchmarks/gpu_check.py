@@ -12,6 +12,10 @@ and the device is CUDA):
      (gradient checkpointing on, as in the paper recipe; no optimizer step):
      median step time, LLM positions per second, peak allocated memory, and MFU =
      modeling.flops model FLOPs of the batch / (step time x peak of the device);
+     The plan phase records, next to the measured peak, what the plan's
+     formulas predict for that step (weights + modeling.memory's activations
+     and logits; with the trainable gradients as an upper bound), so the
+     first GPU run calibrates `--check --plan`;
   3. generation at batch 16: a short prompt with the image, greedy, exactly
      --gen-new-tokens new tokens (end-of-sequence suppressed), timed after a
      warm-up; tokens/s over all of it and for the decode alone (minus a
@@ -53,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_paper_step import (QUESTION, build_variant, free, make_tokenizer,  # noqa: E402
                                        synthetic_batch, time_train_steps)
 from modeling import flops as model_flops  # noqa: E402
+from modeling import memory as model_memory  # noqa: E402
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.llm import causal_lm  # noqa: E402
 from modeling.template import build_prompt  # noqa: E402
@@ -133,6 +138,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def plan_prediction(model, cfg: ModelConfig, batch_size: int, seq_len: int, grad_ckpt: bool, vocab: int,
+                    device: torch.device) -> dict:
+    """What the plan's formulas predict for this step on one device without ZeRO:
+    every weight (as built, in bf16), the activations and logits of modeling.memory
+    for this device's kernels, and, as an upper bound, the trainable parameters'
+    gradients (the step keeps them; under ZeRO-3 they leave in buckets)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    acts = model_memory.activation_bytes(cfg, batch_size, seq_len, grad_ckpt, vocab_size=vocab,
+                                         device="cuda" if device.type == "cuda" else "cpu")
+    return {"weights_gib": round(weights / 2**30, 3), "activations_gib": round(acts / 2**30, 3),
+            "trainable_grads_gib": round(grads / 2**30, 3),
+            "predicted_peak_gib": round((weights + acts) / 2**30, 3),
+            "predicted_peak_with_grads_gib": round((weights + acts + grads) / 2**30, 3)}
+
+
 def measure_training(model, cfg: ModelConfig, tok, args, device, peak_flops: float | None) -> dict:
     batch = synthetic_batch(tok, cfg, args.batch_size, args.text_len, device)
     seq_len = model_flops.llm_positions(batch["input_ids"].shape[1], cfg)
@@ -144,11 +165,15 @@ def measure_training(model, cfg: ModelConfig, tok, args, device, peak_flops: flo
     step_flops = model_flops.step_flops(cfg, vocab).for_lengths([seq_len] * args.batch_size)
     achieved = step_flops / step_s
     del batch
+    plan = plan_prediction(model, cfg, args.batch_size, seq_len, args.grad_ckpt, vocab, device)
+    peak = peak_memory_gib(device)
+    # On a GPU the measured peak calibrates the plan; on a CPU the peak is the process's RSS (not comparable).
+    plan["measured_over_predicted"] = round(peak / plan["predicted_peak_gib"], 4) if device.type == "cuda" else None
     return {
         "batch_size": args.batch_size, "seq_len": seq_len, "grad_ckpt": args.grad_ckpt,
         "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
         "positions_per_s": round(args.batch_size * seq_len / step_s, 1),
-        "loss": loss, "peak_mem_gib": round(peak_memory_gib(device), 2),
+        "loss": loss, "peak_mem_gib": round(peak, 2), "plan": plan,
         "vocab_size": vocab, "model_flops_per_step": step_flops,
         "model_tflops_per_s": achieved / 1e12,
         "mfu": achieved / peak_flops if peak_flops else None,
@@ -227,13 +252,13 @@ def measure_quantized(cfg: ModelConfig, tok, bits: str, args, device) -> dict:
 
 
 def table(report: dict) -> str:
-    head = ("attn", "step s", "positions/s", "peak GiB", "TFLOP/s", "MFU", "gen tok/s", "decode tok/s")
+    head = ("attn", "step s", "positions/s", "peak GiB", "plan GiB", "TFLOP/s", "MFU", "gen tok/s", "decode tok/s")
     rows = [head]
     for r in report["results"]:
         t, g = r.get("train") or {}, r.get("generate") or {}
         mfu = t.get("mfu")
         rows.append((r["attn_implementation"], str(t.get("step_s_median", "-")), str(t.get("positions_per_s", "-")),
-                     str(t.get("peak_mem_gib", "-")),
+                     str(t.get("peak_mem_gib", "-")), str((t.get("plan") or {}).get("predicted_peak_gib", "-")),
                      f"{t['model_tflops_per_s']:.4g}" if "model_tflops_per_s" in t else "-",
                      f"{mfu:.1%}" if mfu is not None else "-", str(g.get("tokens_per_s", "-")),
                      str(g.get("decode_tokens_per_s", "-"))))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the paper-shape model (random weights): training micro-step time with
-# sdpa and, when flash-attn imports, flash_attention_2; peak memory; MFU; generation
-# tokens/s at batch 16. Writes JSON under benchmarks/results/ and prints a table.
+# sdpa and, when flash-attn imports, flash_attention_2; peak memory next to the plan's
+# prediction for it (--check --plan's formulas); MFU; generation tokens/s at batch 16. Writes JSON under benchmarks/results/ and prints a table.
 #
 #   bash benchmarks/gpu_check.sh                                  # paper preset, one GPU (< 8 min on H100/H200)
 #   bash benchmarks/gpu_check.sh --preset tiny --device cpu --out /tmp/gc.json   # CPU smoke mode (the tests)

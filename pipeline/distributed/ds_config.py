@@ -10,15 +10,17 @@ from typing import Any
 import torch
 
 from modeling.atomic_files import write_atomic
+from pipeline.training.batch import plan_for
 from pipeline.training.config import TrainConfig, TrainConfigError
 
 
 def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for `cfg` on `world_size` ranks."""
+    """The DeepSpeed JSON for `cfg` on `world_size` ranks (ConfigError when
+    loop.global_batch does not divide on them)."""
     z = cfg.zero
     o = cfg.optim
     mb = cfg.data.batch_size
-    ga = cfg.loop.grad_accum
+    ga = plan_for(cfg, world_size).grad_accum
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": ga,
@@ -73,7 +75,7 @@ def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         elif user[key] != generated[key]:
             raise TrainConfigError(
                 f"zero.deepspeed_config: {path} sets {key}={user[key]} but the training config gives "
-                f"{generated[key]} (data.batch_size, loop.grad_accum, loop.grad_clip, world size); "
+                f"{generated[key]} (data.batch_size, loop.grad_accum or loop.global_batch, loop.grad_clip, world size); "
                 "use \"auto\" or make them agree")
     for key in ("bf16", "fp16"):
         section = user.setdefault(key, {})

@@ -44,6 +44,7 @@ from pipeline.training.config_sections import (  # noqa: F401
     ZeroConfig,
 )
 from pipeline.data.config import DataConfig
+from pipeline.training.batch import nearest_choices
 from pipeline.tracking import WandbConfig
 
 
@@ -215,8 +216,18 @@ def _check_train(c: TrainConfig) -> None:
         bad("loop.epochs", f"must be > 0, got {s.epochs}")
     if s.stop_at_step is not None and s.stop_at_step < 1:
         bad("loop.stop_at_step", f"must be >= 1 or null, got {s.stop_at_step}")
-    if s.grad_accum < 1:
-        bad("loop.grad_accum", f"must be >= 1, got {s.grad_accum}")
+    if s.grad_accum is not None and s.grad_accum < 1:
+        bad("loop.grad_accum", f"must be >= 1 or null, got {s.grad_accum}")
+    if s.global_batch is not None:
+        if s.global_batch < 1:
+            bad("loop.global_batch", f"must be >= 1 or null, got {s.global_batch}")
+        if s.global_batch % c.data.batch_size:
+            # No world size can help: the ranks' micro-batches must add up to it.
+            near = nearest_choices(s.global_batch, c.data.batch_size, 1)
+            bad("loop.global_batch", f"{s.global_batch} is not a multiple of data.batch_size="
+                f"{c.data.batch_size} (on any number of ranks); nearest valid: loop.global_batch="
+                f"{' or '.join(map(str, near['loop.global_batch']))}, or data.batch_size="
+                f"{' or '.join(map(str, near.get('data.batch_size', [])))}")
     if s.grad_clip < 0:
         bad("loop.grad_clip", f"must be >= 0 (0 disables), got {s.grad_clip}")
     if s.log_every < 1:

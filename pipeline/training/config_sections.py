@@ -69,8 +69,17 @@ class LoopConfig:
     """End this run (with a checkpoint, without the export) once global_step
     reaches this, keeping the schedule's horizon: a time slice of a longer job
     on a preemptible queue, continued later with checkpoint.resume=auto."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    grad_accum: int | None = None
+    """Micro-batches accumulated per optimizer step; null: derived from
+    global_batch, or 1 when global_batch is null too. Setting both is an error
+    unless they agree on the run's world size."""
+    global_batch: int | None = None
+    """Samples per optimizer step over all ranks (the paper's 128), instead of
+    grad_accum: the accumulation is derived at start as global_batch /
+    (data.batch_size x ranks), so the recipe keeps its global batch on any
+    number of GPUs and across a resume on another world size
+    (pipeline/training/batch.py). One that does not divide stops the run before
+    anything starts, naming the nearest valid choices."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping threshold; 0 disables clipping."""
     gradient_checkpointing: bool = False

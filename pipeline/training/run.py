@@ -23,6 +23,7 @@ from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
 from modeling.atomic_files import new_dir_beside, replace_dir, write_atomic
 from pipeline.training import preemption
+from pipeline.training.batch import plan_for, resume_note
 from pipeline.training.loop import CpmWatch, LoopContext, device_peak_flops, run_loop
 from pipeline.training.lr_schedule import build_schedule
 
@@ -119,10 +120,10 @@ def build_model(cfg: TrainConfig, tokenizer, skip_init: bool = False):
     return model
 
 
-def total_optimizer_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+def total_optimizer_steps(cfg: TrainConfig, batches_per_epoch: int, grad_accum: int) -> int:
     if cfg.loop.max_steps is not None:
         return cfg.loop.max_steps
-    return max(1, math.floor(cfg.loop.epochs * batches_per_epoch / cfg.loop.grad_accum))
+    return max(1, math.floor(cfg.loop.epochs * batches_per_epoch / grad_accum))
 
 
 def write_run_files(cfg: TrainConfig, ds_config: dict) -> None:
@@ -258,6 +259,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
     if stops is not None and cfg.preemption.stop_file:
         # After the broadcast above: rank 0 has removed an older STOP file by now.
         stops.watch_stop_file(os.path.join(cfg.output_dir, preemption.STOP_FILE))
+    plan = plan_for(cfg, info.world_size)  # the CLI checked it already for the launcher's WORLD_SIZE
     ds_config = dist.resolve_deepspeed_config(cfg, info.world_size)
     if resume is not None and resume.universal:
         dist.enable_universal_load(ds_config)
@@ -271,7 +273,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
     with dist.model_construction(ds_config):
         model = build_model(cfg, tokenizer)
     bpe = batches_per_epoch(cfg.data, info.world_size)
-    total = total_optimizer_steps(cfg, bpe)
+    total = total_optimizer_steps(cfg, bpe, plan.grad_accum)
     schedule = build_schedule(total, cfg.optim.warmup_ratio, cfg.optim.warmup_steps, cfg.optim.lr_schedule,
                               cfg.optim.min_lr_ratio)
     groups = dist.param_groups(model, cfg.optim.lr, cfg.optim.projector_lr or cfg.optim.lr,
@@ -290,7 +292,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
     run_info = {"world_size": info.world_size, "backend": info.backend, "zero_stage": dist.zero_stage(ds_config),
                 "params_total": whole, "params_per_rank": per_rank,
                 "trainable_params": sum(dist.full_numel(p) for p in engine.module.parameters() if p.requires_grad),
-                "batches_per_epoch": bpe, "total_steps": total, "stream": identity}
+                "batches_per_epoch": bpe, "total_steps": total, **plan.record(), "stream": identity}
 
     state = ckpt.TrainState(data_seed=cfg.data.seed, world_size=info.world_size)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -298,6 +300,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
         state = ckpt.restore_train_state(engine, resume.dir, resume.tag,
                                          verify=not (resume.universal or cfg.checkpoint.trust_foreign),
                                          rank=info.rank, world_size=info.world_size)
+        note = resume_note((state.extra or {}).get("batch"), state.world_size, plan)
+        if note is not None and info.is_main:
+            (log.warning if note[0] else log.info)("%s", note[1])
         saved = (state.extra or {}).get("stream")
         if saved is not None and saved != identity and info.is_main:
             log.warning("resuming with a different data stream identity (world size, workers, batch size "
@@ -305,7 +310,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
         log.info("resumed from %s at step %d (epoch %d, batch %d)%s", os.path.join(resume.dir, resume.tag),
                  state.global_step, state.epoch, state.batch_in_epoch,
                  " (DeepSpeed universal checkpoint)" if resume.universal else "") if info.is_main else None
-    state.extra = {"stream": identity}
+    state.extra = {"stream": identity, "batch": plan.record()}
     state.world_size = info.world_size
     if info.is_main:
         # Steps logged after the checkpoint by the run that died are trained again
@@ -330,8 +335,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
         write_atomic(os.path.join(cfg.output_dir, "run_info.json"), json.dumps(run_info, indent=1))
         tracker.update_config({"run_info": {k: v for k, v in run_info.items() if k != "stream"}})
         log.info("ZeRO-%d over %d rank(s) (%s): %d parameters, %s on each rank; %d batches/epoch/rank, "
-                 "%d optimizer steps", run_info["zero_stage"], info.world_size, info.backend, whole,
-                 per_rank, bpe, total)
+                 "%d optimizer steps; %s (accumulation from %s)", run_info["zero_stage"], info.world_size,
+                 info.backend, whole, per_rank, bpe, total, plan.describe(), plan.source)
 
     image_processor = ImageProcessor(cfg.model, cfg.data.image_limits())
     config_dict = cfg.to_dict()

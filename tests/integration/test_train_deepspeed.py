@@ -39,7 +39,7 @@ REQUIRED_KEYS = ("train/loss", "train/lm_loss", "train/cpm_loss", "train/cpm_acc
 
 def _common(shards: Path) -> list[str]:
     return [f"data.train_shards={shards / 'train'}", "data.batch_size=4", "data.num_workers=1",
-            "data.shuffle_buffer=50", "loop.grad_accum=2", f"loop.max_steps={2 * N}",
+            "data.shuffle_buffer=50", "loop.global_batch=16", "loop.grad_accum=null", f"loop.max_steps={2 * N}",
             f"checkpoint.every_steps={N}", "checkpoint.keep_last=3", "wandb.mode=offline", "optim.lr=3e-3",
             "optim.warmup_steps=1"]
 
@@ -73,6 +73,9 @@ def test_loss_goes_down(runs):
 def test_each_rank_holds_half_of_the_parameters(runs):
     info = json.loads((runs["A"] / "run_info.json").read_text())
     assert (info["world_size"], info["backend"], info["zero_stage"]) == (2, "gloo", 3)
+    # loop.global_batch=16 on 2 ranks of micro-batch 4: accumulation 2, derived.
+    assert {k: info[k] for k in ("global_batch", "micro_batch", "grad_accum", "grad_accum_from")} == {
+        "global_batch": 16, "micro_batch": 4, "grad_accum": 2, "grad_accum_from": "loop.global_batch"}
     total, per_rank = info["params_total"], info["params_per_rank"]
     assert len(per_rank) == 2
     for n in per_rank:
@@ -135,6 +138,7 @@ def test_wandb_offline_run_has_the_metrics(runs):
     last = _metrics(runs["A"])[-1]
     assert s["summary"]["train/loss"] == pytest.approx(last["train/loss"])
     assert "optim" in json.dumps(s["config"]) and "zero" in json.dumps(s["config"])
+    assert '"global_batch": 16' in json.dumps(s["config"]) and '"grad_accum": 2' in json.dumps(s["config"])
     # The resumed job continued the same W&B run: two offline segments, one id.
     segments = sorted(glob.glob(str(runs["B"] / "wandb" / "offline-run-*")))
     assert len(segments) == 2

@@ -278,14 +278,19 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint_via_universal(reference_r
     _to_universal(src_ckpt / tag, universal)
     assert not (universal / "COMPLETE").exists()
     out = tmp_path / "one-rank"
+    # loop.global_batch keeps the 2-rank job's 8 (4 x 1 x 2) on one rank: accumulation 2.
     overrides = job.overrides(job_data["shards"], out, job_data["tokenizer"]) + [
-        f"loop.max_steps={job.every}", f"checkpoint.resume={universal}", "wandb.mode=offline"]
+        f"loop.max_steps={job.every}", f"checkpoint.resume={universal}", "wandb.mode=offline",
+        "loop.global_batch=8", "loop.grad_accum=null"]
     run_training(job.recipe, overrides, str(tmp_path / "one-rank.log"), num_ranks=1, timeout=job.timeout)
     log = (tmp_path / "one-rank.log").read_text(errors="replace")
     assert f"resumed from {universal} at step {job.every}" in log
     assert "(DeepSpeed universal checkpoint)" in log, "the folder was not detected as a universal checkpoint"
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 1
+    assert (info["global_batch"], info["grad_accum"]) == (8, 2)
+    assert ("resuming on 1 rank(s) a checkpoint written by 2: global batch 8 kept (loop.global_batch); "
+            "micro-batch 4 x accumulation 2 x 1 (was 4 x 1 x 2)") in log
     # Weights: the 1-rank checkpoint vs the 2-rank one.
     worst = _max_diff(_fp32_state(out / "checkpoints", tag), _fp32_state(src_ckpt, tag))
     assert worst == 0.0, f"weights changed through the universal round trip by {worst}"

@@ -48,8 +48,17 @@ def test_tiny_cpu_smoke_writes_json_and_prints_the_table(tmp_path):
         assert "error" not in q, q
         assert q["ratio"] < 0.5 and q["layers"] > 0 and 0.0 <= q["max_abs_dp_fake"] < 0.1
     assert "quantized 8bit: LLM linear" in proc.stdout
+    # The plan phase: weights as built plus modeling.memory's activations for the CPU's kernels.
+    from modeling.memory import activation_bytes
+
+    plan = train["plan"]
+    acts = activation_bytes(cfg, 2, train["seq_len"], True, vocab_size=train["vocab_size"], device="cpu")
+    assert plan["activations_gib"] == round(acts / 2**30, 3) and plan["weights_gib"] > 0
+    assert plan["predicted_peak_gib"] == pytest.approx(plan["weights_gib"] + plan["activations_gib"], abs=2e-3)
+    assert plan["measured_over_predicted"] is None  # a CPU's RSS is not comparable
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["attn", "step", "s", "positions/s"] and "MFU" in lines[0]
+    assert "plan GiB" in lines[0]
     assert lines[2].startswith("sdpa ") and "%" in lines[2]
     assert str(out) in proc.stdout
 

@@ -40,8 +40,10 @@ def test_paper_recipe_is_the_paper():
     cfg = load_train_config(PAPER, [])
     assert cfg.model.llm.hidden_size == 5120 and cfg.model.lora.r == 128 and cfg.model.lora.alpha == 256
     assert cfg.precision == "bf16" and cfg.zero.stage == 3
-    assert (cfg.data.batch_size, cfg.loop.grad_accum) == (8, 2)
-    assert build_deepspeed_config(cfg, world_size=8)["train_batch_size"] == 128
+    assert (cfg.data.batch_size, cfg.loop.global_batch, cfg.loop.grad_accum) == (8, 128, None)
+    for ranks, accumulation in ((8, 2), (16, 1), (4, 4)):  # the global batch survives a resize
+        ds = build_deepspeed_config(cfg, world_size=ranks)
+        assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (128, accumulation)
     assert (cfg.optim.lr, cfg.optim.projector_lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
         2e-5, 2e-5, 0.03, 0.0)
     assert cfg.loop.epochs == 3 and cfg.loop.gradient_checkpointing
