@@ -41,10 +41,12 @@
 #
 # ssh options for pdsh (an identity file, a known_hosts policy) go in
 # PDSH_SSH_ARGS_APPEND, which pdsh appends to every ssh command line.
+# DEEPSPEED_LAUNCHER names another `deepspeed` launcher (default: the one next
+# to the interpreter, else the one on PATH).
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"   # sets repo, py, PYTHONPATH
-ds="$(dirname "$py")/deepspeed"
+ds="${DEEPSPEED_LAUNCHER:-$(dirname "$py")/deepspeed}"
 [[ -x "$ds" ]] || ds="$(command -v deepspeed || true)"
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }

@@ -71,8 +71,9 @@ def test_the_multinode_selftest_keeps_secrets_out_of_files_logs_and_argv(tmp_pat
     bin_dir, record, work = tmp_path / "bin", tmp_path / "record", tmp_path / "work"
     for d in (bin_dir, record):
         d.mkdir()
-    # The script runs `python3` from PATH (no .venv in this checkout): the test's interpreter,
-    # and the launcher next to it.
+    # The script runs the checkout's .venv python when there is one (make test creates it),
+    # else `python3` from PATH (the stub: the test's interpreter); the launcher is the
+    # recording stand-in either way (DEEPSPEED_LAUNCHER).
     _stub(bin_dir / "python3", f'exec {sys.executable} "$@"\n')
     _stub(bin_dir / "pdsh", "exit 0\n")
     _launcher_stub(bin_dir, record, exit_status=1)
@@ -80,7 +81,7 @@ def test_the_multinode_selftest_keeps_secrets_out_of_files_logs_and_argv(tmp_pat
     hostfile.write_text("127.0.0.2 slots=1\n127.0.0.3 slots=1\n")
     rc, out, err, argvs = _run_watching_argv(
         ["bash", str(REPO / "launch" / "multinode_selftest.sh"), "--hostfile", str(hostfile), "--workdir", str(work),
-         "--cpu", "--probe-only"], _base_env(bin_dir), tmp_path)
+         "--cpu", "--probe-only"], {**_base_env(bin_dir), "DEEPSPEED_LAUNCHER": str(bin_dir / "deepspeed")}, tmp_path)
     assert rc == 1 and "FAIL (probe)" in out, (out, err)  # the stand-in launcher ran no rank
     assert (record / "argv").is_file(), err  # the launch happened
     assert "WANDB_MODE=offline" in (record / "env_content").read_text()  # other variables still forwarded
