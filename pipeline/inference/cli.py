@@ -45,6 +45,7 @@ an image, too large) are named on stderr, counted, and get an error record.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # From benchmarks/results/bench_predict.md (copied when the benchmark is rerun);
@@ -139,9 +140,10 @@ def main(argv=None) -> int:
     except PredictUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary.line(), file=sys.stderr)
-    if cfg.out is not None:
-        print(f"predict: wrote {cfg.out}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank holds the reduced summary; one prints it
+        print(summary.line(), file=sys.stderr)
+        if cfg.out is not None:
+            print(f"predict: wrote {cfg.out}", file=sys.stderr)
     return 0 if summary.scored or summary.already_done else 1
 
 

@@ -36,7 +36,8 @@ except CheckpointError as e:
 with deepspeed.zero.GatheredParameters([p, model.bias]):
     ensure_materialised(model, ["weight", "bias"])  # gathered: accepted
     out["held_gathered"] = p.numel()
-print("RESULT " + json.dumps(out))
+print("RESULT " + json.dumps(out), flush=True)
+torch.distributed.destroy_process_group()  # left to interpreter exit, gloo may abort the process
 """
 
 
