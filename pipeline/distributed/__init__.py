@@ -26,7 +26,7 @@ from .engine import (current_lrs, global_grad_norm, initialize_engine, is_univer
                      load_engine_checkpoint, model_construction, param_groups, plain_construction,
                      save_engine_checkpoint, use_hashing_checkpoint_engine)
 from .process_group import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier, broadcast_object, device,
-                            init_distributed, rank_banner)
+                            init_distributed, rank_banner, shutdown)
 from .zero_params import full_numel, gather_state_dict, gathered, is_partitioned, partition_numels
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "all_reduce_sum",
     "any_rank",
     "barrier",
+    "shutdown",
     "broadcast_object",
     "device",
     "init_distributed",

@@ -90,6 +90,14 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def shutdown() -> None:
+    """End the process group, if one was started. Left to interpreter exit, gloo's
+    threads sometimes abort the process ("terminate called without an active
+    exception", status -6) after all the work is done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

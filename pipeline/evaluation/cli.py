@@ -167,6 +167,10 @@ def main(argv=None) -> int:
     except (ResumeMismatch, OutputLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from pipeline.distributed import shutdown
+
+        shutdown()  # an orderly end of the process group (see shutdown's doc)
     if results is not None:
         with open(os.path.join(cfg.out, "results.md"), encoding="utf-8") as f:
             print(f.read())

@@ -309,10 +309,10 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
             lock.release()
         if stdin_file is not None:
             os.unlink(stdin_file)
-        if world > 1 and torch.distributed.is_initialized():
-            # An orderly end: left to interpreter exit, gloo's threads sometimes abort the
-            # process ("terminate called without an active exception", status -6).
-            torch.distributed.destroy_process_group()
+        if world > 1:
+            from pipeline.distributed import shutdown
+
+            shutdown()
     summary.seconds = time.perf_counter() - t0
     return summary
 
