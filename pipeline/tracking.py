@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -47,6 +48,14 @@ class WandbConfig:
     """Run tags."""
     init_timeout: float = 60.0
     """Seconds wandb.init may take before falling back to offline."""
+    detached_service: bool = True
+    """Run rank 0's W&B service (wandb-core) outside the rank's process tree
+    (`wandb beta core start`), so that a launcher which kills the tree when
+    another rank fails, or a SIGTERM to the process group, cannot kill the
+    service before it has written the run: wandb-core buffers an offline run's
+    records and exits on SIGTERM without writing them. False: W&B's default, a
+    service started as a child of the rank. Without `wandb beta core` (wandb
+    older than the pinned range) the default is used, with a warning."""
 
 
 
@@ -231,11 +240,57 @@ def start_train_tracking(cfg: WandbConfig, root_dir: str, config: dict, output_d
                           group=experiment_group(output_dir, run_id) if run_id else None)
 
 
+SERVICE_ENV = "WANDB_SERVICE"
+"""W&B's documented variable naming the service a process connects to (wandb/env.py)."""
+SERVICE_IDLE_TIMEOUT = "10s"
+"""How long a detached service lives once no process is connected (Go duration):
+long enough for nothing, short enough that a killed rank's run is written soon."""
+
+
+def start_detached_service() -> str | None:
+    """Start a wandb-core service that is not a descendant of this process and
+    return its token (the value of WANDB_SERVICE), or None when it cannot start.
+
+    `wandb beta core start` runs in a short-lived child that exits once the
+    service is up, so the service is re-parented away from this rank: the
+    DeepSpeed launcher's process-tree kill (deepspeed/launcher/launch.py
+    terminate_process_tree) and a signal to the process group no longer reach
+    it. It stays up while this process is connected; when the process ends,
+    even by SIGKILL, it writes what it received and exits after
+    SERVICE_IDLE_TIMEOUT.
+    """
+    cmd = [sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        lines = proc.stdout.split()
+        token = lines[0] if proc.returncode == 0 and lines else None
+        why = f"exit status {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        token, why = None, str(e)
+    if token is None:
+        log.warning("W&B: could not start a detached W&B service (%s); using a service inside this rank's "
+                    "process tree, which a launcher that kills the tree stops before it writes the run", why)
+    return token
+
+
+def stop_detached_service(token: str) -> None:
+    """Ask the detached service `token` to shut down (`wandb beta core stop`)."""
+    try:
+        subprocess.run([sys.executable, "-m", "wandb", "beta", "core", "stop"], capture_output=True, timeout=60,
+                       stdin=subprocess.DEVNULL, env={**os.environ, SERVICE_ENV: token})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("W&B: stopping the detached service failed: %s", e)
+
+
 def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: str, job_type: str | None,
               group: str | None):
     import wandb
 
     t0 = time.monotonic()
+    # A service the user named (WANDB_SERVICE) or one this process already uses wins.
+    token = start_detached_service() if cfg.detached_service and not os.environ.get(SERVICE_ENV) else None
+    if token:
+        os.environ[SERVICE_ENV] = token  # how wandb.init finds a running service
     try:
         settings = wandb.Settings(init_timeout=cfg.init_timeout, silent=True,
                                   x_disable_stats=False, console="off")
@@ -250,4 +305,7 @@ def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: 
             wandb.teardown()
         except Exception:  # noqa: BLE001
             pass
+        if token:  # a detached service outlives teardown: end it, and let the next attempt start its own
+            os.environ.pop(SERVICE_ENV, None)
+            stop_detached_service(token)
         return None

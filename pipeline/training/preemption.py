@@ -27,9 +27,11 @@ the loader is interrupted (EINTR) by them; the mask is set before any thread or
 loader worker exists (pipeline/training/cli.py blocks them before importing torch), and
 forked loader workers inherit it, so a SIGTERM to the group cannot kill them in
 the middle of the checkpoint (torch would then raise "DataLoader worker killed"
-in the rank). Processes the rank starts (the W&B service) inherit it as well:
-they outlive a SIGTERM to the group until rank 0 has logged the last step and
-finished the run. Python-level handlers catch a signal that reaches a thread which
+in the rank). The W&B service is not covered by the mask (wandb-core catches
+SIGTERM itself and exits without writing a buffered offline run), so rank 0
+starts it outside its process tree and session (pipeline/tracking.py,
+WandbConfig.detached_service): neither a signal to the group nor the launcher's
+tree kill reaches it, and rank 0 logs the last step and finishes the run. Python-level handlers catch a signal that reaches a thread which
 does not block it (started before the mask) and request the same stop.
 
 Every rank finishes its current optimizer step: the loop sends the request in

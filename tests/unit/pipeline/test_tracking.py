@@ -1,7 +1,13 @@
 """W&B tracking never stops training: mode resolution, rank 0 only, fallbacks."""
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 
@@ -13,7 +19,8 @@ from pipeline.tracking import start_tracking, start_train_tracking
 
 @pytest.fixture
 def no_credentials(tmp_path, monkeypatch):
-    for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
+    for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR",
+              "WANDB_SERVICE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc-absent"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
@@ -82,3 +89,40 @@ def test_unreachable_server_falls_back_to_offline_and_resumes_the_id(no_credenti
     assert s["run_id"] == t.run_id and s["summary"]["train/loss"] == 1.0
     record = read_offline_run_record(again.run_dir)
     assert record["run_id"] == t.run_id and record["project"] == "t" and "run_group" not in record
+
+
+# What a rank that the DeepSpeed launcher kills does: start an offline run, log
+# two steps, then the launcher's terminate_process_tree (SIGTERM to every
+# descendant, then to the rank) ends the rank before it calls finish().
+_KILLED_RANK = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import psutil
+    from pipeline.tracking import WandbConfig, start_tracking
+    t = start_tracking(WandbConfig(mode="offline", project="t", detached_service=sys.argv[2] == "1"),
+                       sys.argv[1], {}, is_main=True)
+    t.log({"train/bad_samples": 3.0}, step=1)
+    t.log({"train/bad_samples": 0.0, "train/loss": 1.5}, step=2)
+    kids = psutil.Process().children(recursive=True)
+    print(json.dumps({"run_dir": t.run_dir, "descendants": [k.name() for k in kids]}), flush=True)
+    for k in kids:
+        k.terminate()
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_rank_keeps_its_offline_run(no_credentials):
+    """The run outlives a process-tree kill before finish(): the detached W&B service
+    is not among the rank's descendants, so it writes what it received."""
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RANK, str(no_credentials), "1"], capture_output=True,
+                          text=True, timeout=120, cwd=os.getcwd())
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not any("wandb-core" in name for name in info["descendants"]), info
+    deadline = time.monotonic() + 60  # the service writes the run once idle (tracking.SERVICE_IDLE_TIMEOUT)
+    while True:
+        summary = read_offline_run(info["run_dir"])["summary"]
+        if summary or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert summary.get("train/loss") == 1.5 and summary.get("train/bad_samples") == 0.0, summary
