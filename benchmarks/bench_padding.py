@@ -14,7 +14,7 @@ This script, in one run:
      reasoning attributes, so lengths vary about 2x) and shards it
      (`python -m sharding.shard_mmfr`);
   2. builds the demo-style byte-level BPE from the shards, as a run without
-     tokenizer.path does (pipeline/training/run.py prepare_tokenizer);
+     tokenizer.path does (pipeline/training/build.py prepare_tokenizer);
   3. streams one epoch per rank through the real loader (make_train_loader) for
      random batches (data.group_by_length=false) and length-grouped ones with
      several data.group_min_label_share values (0: by length alone; 0.375, the

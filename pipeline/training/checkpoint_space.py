@@ -24,7 +24,7 @@ def estimate_checkpoint_bytes(local_numels: list[int], trainable_numels: list[in
                               measured: int | None = None) -> int:
     """Bytes one checkpoint of this run takes, summed over the ranks.
 
-    `measured`: the size of a complete checkpoint of this run (checkpointing.newest_checkpoint_bytes),
+    `measured`: the size of a complete checkpoint of this run (checkpoint_tags.newest_checkpoint_bytes),
     which is the estimate when known: the next one has the same tensors. Before that: each rank's
     partition of the parameters at `param_bytes` each, plus for its trainable
     ones the fp32 master copy and the two AdamW moments, plus a per-file overhead."""

@@ -185,107 +185,142 @@ def _model_section(section) -> tuple[ModelConfig, str | None]:
 
 
 def _check_train(c: TrainConfig) -> None:
-    def bad(name: str, why: str) -> None:
-        raise ConfigError(f"{name}: {why}")
-
+    """The training ranges, section by section, then the combinations across
+    sections; the first bad field raises ConfigError naming it."""
     if not c.output_dir:
-        bad("output_dir", "must not be empty")
-    o = c.optim
+        _bad("output_dir", "must not be empty")
+    _check_optim(c.optim)
+    _check_loop(c.loop, c.data.batch_size)
+    _check_zero(c.zero)
+    _check_checkpoint(c.checkpoint)
+    if c.output_lock.refresh_s <= 0 or c.output_lock.stale_after_s <= 2 * c.output_lock.refresh_s:
+        _bad("output_lock.stale_after_s", f"must exceed 2 x output_lock.refresh_s (> 0); got "
+             f"{c.output_lock.stale_after_s} and {c.output_lock.refresh_s}")
+    _check_preemption(c.preemption)
+    _check_limits(c)
+    _check_combinations(c)
+
+
+def _bad(name: str, why: str) -> None:
+    """Raise the ConfigError for the dotted field `name`."""
+    raise ConfigError(f"{name}: {why}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """optim: learning rates, AdamW's settings and the schedule's shape."""
     if o.lr <= 0:
-        bad("optim.lr", f"must be > 0, got {o.lr}")
+        _bad("optim.lr", f"must be > 0, got {o.lr}")
     if o.projector_lr is not None and o.projector_lr <= 0:
-        bad("optim.projector_lr", f"must be > 0 or null, got {o.projector_lr}")
+        _bad("optim.projector_lr", f"must be > 0 or null, got {o.projector_lr}")
     if o.weight_decay < 0:
-        bad("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        _bad("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     if not all(0.0 <= b < 1.0 for b in o.betas):
-        bad("optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+        _bad("optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
     if o.eps <= 0:
-        bad("optim.eps", f"must be > 0, got {o.eps}")
+        _bad("optim.eps", f"must be > 0, got {o.eps}")
     if not 0.0 <= o.warmup_ratio < 1.0:
-        bad("optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
+        _bad("optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     if o.warmup_steps is not None and o.warmup_steps < 0:
-        bad("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+        _bad("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
-        bad("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    s = c.loop
+        _bad("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+
+
+def _check_loop(s: LoopConfig, batch_size: int) -> None:
+    """loop: the run's length, the global batch (against data.batch_size), clipping and logging."""
     if s.max_steps is None and s.epochs is None:
-        bad("loop.max_steps", "set max_steps or loop.epochs (both are null)")
+        _bad("loop.max_steps", "set max_steps or loop.epochs (both are null)")
     if s.max_steps is not None and s.max_steps < 1:
-        bad("loop.max_steps", f"must be >= 1, got {s.max_steps}")
+        _bad("loop.max_steps", f"must be >= 1, got {s.max_steps}")
     if s.max_steps is None and s.epochs is not None and s.epochs <= 0:
-        bad("loop.epochs", f"must be > 0, got {s.epochs}")
+        _bad("loop.epochs", f"must be > 0, got {s.epochs}")
     if s.stop_at_step is not None and s.stop_at_step < 1:
-        bad("loop.stop_at_step", f"must be >= 1 or null, got {s.stop_at_step}")
+        _bad("loop.stop_at_step", f"must be >= 1 or null, got {s.stop_at_step}")
     if s.grad_accum is not None and s.grad_accum < 1:
-        bad("loop.grad_accum", f"must be >= 1 or null, got {s.grad_accum}")
+        _bad("loop.grad_accum", f"must be >= 1 or null, got {s.grad_accum}")
     if s.global_batch is not None:
         if s.global_batch < 1:
-            bad("loop.global_batch", f"must be >= 1 or null, got {s.global_batch}")
-        if s.global_batch % c.data.batch_size:
+            _bad("loop.global_batch", f"must be >= 1 or null, got {s.global_batch}")
+        if s.global_batch % batch_size:
             # No world size can help: the ranks' micro-batches must add up to it.
-            near = nearest_choices(s.global_batch, c.data.batch_size, 1)
-            bad("loop.global_batch", f"{s.global_batch} is not a multiple of data.batch_size="
-                f"{c.data.batch_size} (on any number of ranks); nearest valid: loop.global_batch="
-                f"{' or '.join(map(str, near['loop.global_batch']))}, or data.batch_size="
-                f"{' or '.join(map(str, near.get('data.batch_size', [])))}")
+            near = nearest_choices(s.global_batch, batch_size, 1)
+            _bad("loop.global_batch", f"{s.global_batch} is not a multiple of data.batch_size="
+                 f"{batch_size} (on any number of ranks); nearest valid: loop.global_batch="
+                 f"{' or '.join(map(str, near['loop.global_batch']))}, or data.batch_size="
+                 f"{' or '.join(map(str, near.get('data.batch_size', [])))}")
     if s.grad_clip < 0:
-        bad("loop.grad_clip", f"must be >= 0 (0 disables), got {s.grad_clip}")
+        _bad("loop.grad_clip", f"must be >= 0 (0 disables), got {s.grad_clip}")
     if s.log_every < 1:
-        bad("loop.log_every", f"must be >= 1, got {s.log_every}")
-    z = c.zero
+        _bad("loop.log_every", f"must be >= 1, got {s.log_every}")
+
+
+def _check_zero(z: ZeroConfig) -> None:
+    """zero: offloads the stage allows, the DeepSpeed JSON's path, bucket sizes."""
     if z.offload_param != "none" and z.stage != 3:
-        bad("zero.offload_param", f"needs zero.stage=3 (got stage {z.stage})")
+        _bad("zero.offload_param", f"needs zero.stage=3 (got stage {z.stage})")
     if z.offload_optimizer != "none" and z.stage == 0:
-        bad("zero.offload_optimizer", "needs zero.stage >= 1")
+        _bad("zero.offload_optimizer", "needs zero.stage >= 1")
     if z.deepspeed_config is not None and not os.path.isfile(z.deepspeed_config):
-        bad("zero.deepspeed_config", f"{z.deepspeed_config} does not exist")
+        _bad("zero.deepspeed_config", f"{z.deepspeed_config} does not exist")
     for n in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         if getattr(z, n) < 0:
-            bad(f"zero.{n}", "must be >= 0")
-    k = c.checkpoint
+            _bad(f"zero.{n}", "must be >= 0")
+
+
+def _check_checkpoint(k: CheckpointConfig) -> None:
+    """checkpoint: how often, how many are kept, what to resume from."""
     if k.every_steps < 0:
-        bad("checkpoint.every_steps", f"must be >= 0, got {k.every_steps}")
+        _bad("checkpoint.every_steps", f"must be >= 0, got {k.every_steps}")
     if k.keep_last < 1:
-        bad("checkpoint.keep_last", f"must be >= 1, got {k.keep_last}")
+        _bad("checkpoint.keep_last", f"must be >= 1, got {k.keep_last}")
     if k.resume not in (None, "auto") and not os.path.isdir(k.resume):
-        bad("checkpoint.resume", f"must be 'auto', null or an existing checkpoint folder; {k.resume} is none")
-    if c.output_lock.refresh_s <= 0 or c.output_lock.stale_after_s <= 2 * c.output_lock.refresh_s:
-        bad("output_lock.stale_after_s", f"must exceed 2 x output_lock.refresh_s (> 0); got "
-            f"{c.output_lock.stale_after_s} and {c.output_lock.refresh_s}")
-    p = c.preemption
+        _bad("checkpoint.resume", f"must be 'auto', null or an existing checkpoint folder; {k.resume} is none")
+
+
+def _check_preemption(p: PreemptionConfig) -> None:
+    """preemption: catchable signals of Python's signal module, the grace and poll times."""
     unknown = [n for n in p.signals if n not in signal.Signals.__members__]
     if unknown or (p.enabled and not p.signals):
-        bad("preemption.signals", f"must name signals of Python's signal module (e.g. SIGTERM, SIGUSR1); "
-            f"got {list(p.signals)}" + (f" ({unknown} unknown)" if unknown else ""))
+        _bad("preemption.signals", f"must name signals of Python's signal module (e.g. SIGTERM, SIGUSR1); "
+             f"got {list(p.signals)}" + (f" ({unknown} unknown)" if unknown else ""))
     if "SIGKILL" in p.signals or "SIGSTOP" in p.signals:
-        bad("preemption.signals", "SIGKILL and SIGSTOP cannot be caught")
+        _bad("preemption.signals", "SIGKILL and SIGSTOP cannot be caught")
     if not (p.grace_s >= 0 and math.isfinite(p.grace_s)):
-        bad("preemption.grace_s", f"must be a finite number of seconds >= 0 (0: no limit), got {p.grace_s}")
+        _bad("preemption.grace_s", f"must be a finite number of seconds >= 0 (0: no limit), got {p.grace_s}")
     if not (p.poll_s > 0 and math.isfinite(p.poll_s)):
-        bad("preemption.poll_s", f"must be a finite number of seconds > 0, got {p.poll_s}")
-    if k.space_margin < 0:
-        bad("checkpoint.space_margin", f"must be >= 0 (0 disables the free-space checks), got {k.space_margin}")
+        _bad("preemption.poll_s", f"must be a finite number of seconds > 0, got {p.poll_s}")
+
+
+def _check_limits(c: TrainConfig) -> None:
+    """The other margins, timeouts and counts: free space, collectives, CPM checks,
+    peak FLOP/s, W&B, the built tokenizer's vocabulary."""
+    if c.checkpoint.space_margin < 0:
+        _bad("checkpoint.space_margin",
+             f"must be >= 0 (0 disables the free-space checks), got {c.checkpoint.space_margin}")
     if not (c.distributed_timeout_s > 0 and math.isfinite(c.distributed_timeout_s)):
-        bad("distributed_timeout_s", f"must be a finite number of seconds > 0, got {c.distributed_timeout_s}")
+        _bad("distributed_timeout_s", f"must be a finite number of seconds > 0, got {c.distributed_timeout_s}")
     if c.cpm_check.prefix_samples < 1:
-        bad("cpm_check.prefix_samples", f"must be >= 1, got {c.cpm_check.prefix_samples}")
+        _bad("cpm_check.prefix_samples", f"must be >= 1, got {c.cpm_check.prefix_samples}")
     if c.cpm_check.abort_after_steps < 0:
-        bad("cpm_check.abort_after_steps", f"must be >= 0 (0 disables), got {c.cpm_check.abort_after_steps}")
+        _bad("cpm_check.abort_after_steps", f"must be >= 0 (0 disables), got {c.cpm_check.abort_after_steps}")
     if c.perf.peak_tflops is not None and not (c.perf.peak_tflops > 0 and math.isfinite(c.perf.peak_tflops)):
-        bad("perf.peak_tflops", f"must be a finite number of TFLOP/s > 0 or null, got {c.perf.peak_tflops}")
+        _bad("perf.peak_tflops", f"must be a finite number of TFLOP/s > 0 or null, got {c.perf.peak_tflops}")
     if c.wandb.init_timeout <= 0:
-        bad("wandb.init_timeout", f"must be > 0, got {c.wandb.init_timeout}")
+        _bad("wandb.init_timeout", f"must be > 0, got {c.wandb.init_timeout}")
     if c.tokenizer.path is None and c.tokenizer.vocab_size < 300:
-        bad("tokenizer.vocab_size", f"must be >= 300 for a built tokenizer, got {c.tokenizer.vocab_size}")
-    # Cross-section combinations.
+        _bad("tokenizer.vocab_size", f"must be >= 300 for a built tokenizer, got {c.tokenizer.vocab_size}")
+
+
+def _check_combinations(c: TrainConfig) -> None:
+    """Across sections: the precision against model.dtype, the longest sequence against the LLM's positions."""
     if c.precision == "fp32" and c.model.dtype != "float32":
-        bad("precision", f"fp32 training needs model.dtype=float32, got {c.model.dtype}")
+        _bad("precision", f"fp32 training needs model.dtype=float32, got {c.model.dtype}")
     if c.precision == "bf16" and c.model.dtype == "float16":
-        bad("precision", "bf16 training with model.dtype=float16; use bfloat16 or float32")
+        _bad("precision", "bf16 training with model.dtype=float16; use bfloat16 or float32")
     if c.precision == "fp16" and c.model.dtype == "bfloat16":
-        bad("precision", "fp16 training with model.dtype=bfloat16; use float16 or float32")
+        _bad("precision", "fp16 training with model.dtype=bfloat16; use float16 or float32")
     # The one <image> placeholder becomes num_image_tokens positions in the LLM.
     longest = c.data.max_length - 1 + c.model.num_image_tokens
     if longest > c.model.llm.max_position_embeddings:
-        bad("data.max_length", f"{c.data.max_length} tokens + {c.model.num_image_tokens - 1} extra image "
-            f"positions exceed model.llm.max_position_embeddings={c.model.llm.max_position_embeddings}")
+        _bad("data.max_length", f"{c.data.max_length} tokens + {c.model.num_image_tokens - 1} extra image "
+             f"positions exceed model.llm.max_position_embeddings={c.model.llm.max_position_embeddings}")

@@ -131,7 +131,7 @@ class CheckpointConfig:
     """Save a DeepSpeed checkpoint after the last step."""
     space_margin: float = 1.2
     """Before each save the checkpoint's size is estimated (pipeline/training/
-    checkpointing.py: estimate_checkpoint_bytes) and a save whose estimate times
+    checkpoint_space.py: estimate_checkpoint_bytes) and a save whose estimate times
     this factor exceeds the free space of the checkpoint folder's file system is
     refused naming the numbers; at start-up a first save that would not fit is
     warned about. 0 disables both checks."""

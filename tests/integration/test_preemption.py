@@ -91,7 +91,7 @@ def uninterrupted(mmfr_shards, tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("how", ["runner", "group", "rank", "stop_file"])
 def test_stop_request_ends_with_a_checkpoint_and_resumes_exactly(how, mmfr_shards, uninterrupted, tmp_path):
-    from pipeline.training.checkpointing import complete_tags, tag_for
+    from pipeline.training.checkpoint_tags import complete_tags, tag_for
 
     out = tmp_path / how
     rc, job, pids = _stopped_run(mmfr_shards, out, how)

@@ -44,7 +44,7 @@ import pytest
 
 from launch.local_run import REPO, TrainingJob, run_training
 from launch.wandb_readback import _leet_inspect, read_offline_run
-from pipeline.training import checkpointing as ckpt
+from pipeline.training import checkpoint_tags as tags
 from sharding.dir_lock import LOCK_FILE
 
 pytestmark = pytest.mark.slow
@@ -82,8 +82,8 @@ def _steps(lines: list[str]) -> list[int]:
 
 def _past_checkpoint(out: Path) -> tuple[int, int] | None:
     """(newest complete checkpoint step s, last logged step m) once m > s >= EVERY."""
-    tag = ckpt.newest_complete(str(out / "checkpoints"))
-    s = ckpt.step_of(tag) if tag else None
+    tag = tags.newest_complete(str(out / "checkpoints"))
+    s = tags.step_of(tag) if tag else None
     steps = _steps(_metric_lines(out))
     if s is not None and s >= EVERY and steps and steps[-1] >= s + 2:
         return s, steps[-1]
@@ -156,7 +156,7 @@ def test_second_run_refused_then_killed_run_taken_over_with_one_record_per_step(
     # and records of steps after s.
     stale = json.loads((out / LOCK_FILE).read_text())
     assert stale["pid"] == pid_a and stale["host"] == host
-    s = ckpt.step_of(ckpt.newest_complete(str(ckpt_dir)))
+    s = tags.step_of(tags.newest_complete(str(ckpt_dir)))
     a_lines = _metric_lines(out)
     a_steps = _steps(a_lines)
     assert a_steps[:s] == list(range(1, s + 1))
@@ -170,7 +170,7 @@ def test_second_run_refused_then_killed_run_taken_over_with_one_record_per_step(
     assert (f"took over the lock {out / LOCK_FILE}: the previous holder (training on host {host}, pid {pid_a}, "
             in log_c), log_c[-4000:]
     assert f"is gone: its process {pid_a} on this host is dead" in log_c
-    assert f"resumed from {ckpt_dir / ckpt.tag_for(s)} at step {s}" in log_c
+    assert f"resumed from {ckpt_dir / tags.tag_for(s)} at step {s}" in log_c
     assert f"dropped {past} records past step {s}" in log_c
     c_lines = _metric_lines(out)
     assert _steps(c_lines) == list(range(1, MAX_STEPS + 1)), "one record per step, in order"
@@ -255,7 +255,7 @@ def test_a_checkpoint_that_cannot_fit_is_refused(mmfr_shards, tmp_path):
         assert "CheckpointSpaceError" in text
         # Refused before anything was written: no tag folder at all, nothing complete.
         assert not glob.glob(str(ck / "global_step*")), os.listdir(ck)
-        assert ckpt.complete_tags(str(ck)) == [] and not (ck / ckpt.POINTER).exists()
+        assert tags.complete_tags(str(ck)) == [] and not (ck / tags.POINTER).exists()
         assert not (out / LOCK_FILE).exists(), "the lock is released when the run fails"
 
 
@@ -276,13 +276,13 @@ def test_disk_full_during_a_save_names_enospc_and_keeps_the_previous_checkpoint(
         assert float(m.group(1)) < ONE_CHECKPOINT_TMPFS_K / 1024 - CHECKPOINT_BYTES / 2**20
         assert f"[Errno {errno.ENOSPC}]" in text or "CheckpointSpaceError" in text
         # The first checkpoint is still complete, pointed to, and has every file its marker lists.
-        assert ckpt.complete_tags(str(ck)) == ["global_step1"]
-        assert ckpt.newest_complete(str(ck)) == "global_step1"
-        assert (ck / ckpt.POINTER).read_text().strip() == "global_step1"
-        marker = json.loads((ck / "global_step1" / ckpt.COMPLETE).read_text())
+        assert tags.complete_tags(str(ck)) == ["global_step1"]
+        assert tags.newest_complete(str(ck)) == "global_step1"
+        assert (ck / tags.POINTER).read_text().strip() == "global_step1"
+        marker = json.loads((ck / "global_step1" / tags.COMPLETE).read_text())
         assert marker["global_step"] == 1 and len(marker["files"]) >= 4
         for name, size in marker["files"].items():
             assert os.path.getsize(ck / "global_step1" / name) == size, name
-        assert ckpt.checkpoint_bytes(str(ck), "global_step1") == pytest.approx(CHECKPOINT_BYTES, rel=0.05)
-        assert not ckpt.is_complete(str(ck), "global_step2")
+        assert tags.checkpoint_bytes(str(ck), "global_step1") == pytest.approx(CHECKPOINT_BYTES, rel=0.05)
+        assert not tags.is_complete(str(ck), "global_step2")
         assert not (out / LOCK_FILE).exists()

@@ -5,16 +5,17 @@ import os
 
 import pytest
 
-from pipeline.training import checkpointing as ckpt
-from pipeline.training.checkpointing import ResumePoint, TrainState
+from pipeline.training import checkpoint_tags as tags
+from pipeline.training.checkpointing import TrainState, mark_complete
+from pipeline.training.resume import ResumePoint, resolve_resume
 
 
 def _tag(root, step: int, complete: bool) -> str:
-    tag = ckpt.tag_for(step)
+    tag = tags.tag_for(step)
     os.makedirs(root / tag, exist_ok=True)
     (root / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
     if complete:
-        ckpt.mark_complete(str(root), tag, TrainState(global_step=step))
+        mark_complete(str(root), tag, TrainState(global_step=step))
     return tag
 
 
@@ -22,14 +23,14 @@ def test_incomplete_newer_tag_is_ignored(tmp_path):
     _tag(tmp_path, 10, complete=True)
     _tag(tmp_path, 20, complete=False)  # killed mid-save: files but no marker
     (tmp_path / "latest").write_text("global_step20")  # DeepSpeed's own pointer is not trusted
-    assert ckpt.newest_complete(str(tmp_path)) == "global_step10"
-    assert ckpt.resolve_resume("auto", str(tmp_path)) == ResumePoint(str(tmp_path), "global_step10", False)
+    assert tags.newest_complete(str(tmp_path)) == "global_step10"
+    assert resolve_resume("auto", str(tmp_path)) == ResumePoint(str(tmp_path), "global_step10", False)
 
 
 def test_marker_then_pointer(tmp_path):
     _tag(tmp_path, 5, complete=True)
     assert (tmp_path / "latest_complete").read_text() == "global_step5"
-    marker = (tmp_path / "global_step5" / ckpt.COMPLETE).read_text()
+    marker = (tmp_path / "global_step5" / tags.COMPLETE).read_text()
     assert '"global_step": 5' in marker and "zero_pp_rank_0_mp_rank_00_model_states.pt" in marker
 
 
@@ -38,26 +39,26 @@ def test_stale_or_lost_pointer_falls_back_to_the_highest_complete_step(tmp_path)
     _tag(tmp_path, 11, complete=True)
     # Killed between the marker and the pointer update: the pointer is one behind.
     (tmp_path / "latest_complete").write_text("global_step2")
-    assert ckpt.newest_complete(str(tmp_path)) == "global_step11"
+    assert tags.newest_complete(str(tmp_path)) == "global_step11"
     os.remove(tmp_path / "latest_complete")
-    assert ckpt.newest_complete(str(tmp_path)) == "global_step11"
+    assert tags.newest_complete(str(tmp_path)) == "global_step11"
     (tmp_path / "latest_complete").write_text("garbage")
-    assert ckpt.newest_complete(str(tmp_path)) == "global_step11"
+    assert tags.newest_complete(str(tmp_path)) == "global_step11"
 
 
 def test_no_checkpoint_means_fresh_start(tmp_path):
-    assert ckpt.resolve_resume("auto", str(tmp_path / "nothing")) is None
-    assert ckpt.resolve_resume(None, str(tmp_path)) is None
+    assert resolve_resume("auto", str(tmp_path / "nothing")) is None
+    assert resolve_resume(None, str(tmp_path)) is None
     _tag(tmp_path, 3, complete=False)
-    assert ckpt.resolve_resume("auto", str(tmp_path)) is None
+    assert resolve_resume("auto", str(tmp_path)) is None
 
 
 def test_explicit_resume_must_be_complete(tmp_path):
     tag = _tag(tmp_path, 4, complete=False)
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
-        ckpt.resolve_resume(str(tmp_path / tag), str(tmp_path))
-    ckpt.mark_complete(str(tmp_path), tag, TrainState(global_step=4))
-    assert ckpt.resolve_resume(str(tmp_path / tag) + "/", "unused") == ResumePoint(str(tmp_path), tag, False)
+        resolve_resume(str(tmp_path / tag), str(tmp_path))
+    mark_complete(str(tmp_path), tag, TrainState(global_step=4))
+    assert resolve_resume(str(tmp_path / tag) + "/", "unused") == ResumePoint(str(tmp_path), tag, False)
 
 
 def test_prune_keeps_the_newest_and_drops_leftovers(tmp_path):
@@ -65,9 +66,9 @@ def test_prune_keeps_the_newest_and_drops_leftovers(tmp_path):
         _tag(tmp_path, s, complete=True)
     _tag(tmp_path, 0, complete=False)  # leftover of an interrupted save older than the newest
     _tag(tmp_path, 9, complete=False)  # a save in progress (newer): must survive
-    removed = ckpt.prune(str(tmp_path), keep_last=2)
+    removed = tags.prune(str(tmp_path), keep_last=2)
     assert sorted(removed) == ["global_step0", "global_step1"]
-    assert ckpt.complete_tags(str(tmp_path)) == ["global_step2", "global_step3"]
+    assert tags.complete_tags(str(tmp_path)) == ["global_step2", "global_step3"]
     assert (tmp_path / "global_step9").is_dir()
 
 
@@ -99,18 +100,18 @@ def _two_rank_tag(root, step, complete=True):
     (root / tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"y" * 12)
     (root / tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 30)
     if complete:
-        ckpt.mark_complete(str(root), tag, TrainState(global_step=step))
+        mark_complete(str(root), tag, TrainState(global_step=step))
     return tag
 
 
 def test_universal_folder_next_to_its_complete_source_resumes_with_load_universal(tmp_path):
     tag = _two_rank_tag(tmp_path, 4)
     uni = _universal(tmp_path / tag, tmp_path / f"{tag}_universal")
-    assert ckpt.resolve_resume(str(uni), "unused") == ResumePoint(str(tmp_path), f"{tag}_universal", True)
+    assert resolve_resume(str(uni), "unused") == ResumePoint(str(tmp_path), f"{tag}_universal", True)
     # `auto` never picks a universal folder, and pruning never deletes one.
     _two_rank_tag(tmp_path, 6)
-    assert ckpt.resolve_resume("auto", str(tmp_path)) == ResumePoint(str(tmp_path), "global_step6", False)
-    ckpt.prune(str(tmp_path), keep_last=1)
+    assert resolve_resume("auto", str(tmp_path)) == ResumePoint(str(tmp_path), "global_step6", False)
+    tags.prune(str(tmp_path), keep_last=1)
     assert uni.is_dir() and not (tmp_path / tag).exists()
 
 
@@ -118,16 +119,16 @@ def test_universal_folder_of_an_incomplete_source_is_refused(tmp_path):
     tag = _two_rank_tag(tmp_path, 4, complete=False)  # killed mid-save, then converted
     uni = _universal(tmp_path / tag, tmp_path / f"{tag}_universal")
     with pytest.raises(FileNotFoundError, match=f"universal.*{tag} has no COMPLETE"):
-        ckpt.resolve_resume(str(uni), "unused")
+        resolve_resume(str(uni), "unused")
 
 
 def test_universal_folder_converted_before_the_save_finished_is_refused(tmp_path):
     tag = _tag(tmp_path, 4, complete=False)  # rank 1's files not written yet
     uni = _universal(tmp_path / tag, tmp_path / f"{tag}_universal")
     (tmp_path / tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"y" * 12)
-    ckpt.mark_complete(str(tmp_path), tag, TrainState(global_step=4))  # the save completed later
+    mark_complete(str(tmp_path), tag, TrainState(global_step=4))  # the save completed later
     with pytest.raises(FileNotFoundError, match="zero_pp_rank_1_mp_rank_00_model_states.pt.*convert"):
-        ckpt.resolve_resume(str(uni), "unused")
+        resolve_resume(str(uni), "unused")
 
 
 def test_universal_folder_elsewhere_needs_its_sources_marker(tmp_path):
@@ -136,11 +137,11 @@ def test_universal_folder_elsewhere_needs_its_sources_marker(tmp_path):
     tag = _two_rank_tag(src, 4)
     uni = _universal(src / tag, tmp_path / "moved")  # not next to the source, not named *_universal
     with pytest.raises(FileNotFoundError, match="source tag is unknown.*copy its COMPLETE"):
-        ckpt.resolve_resume(str(uni), "unused")
-    (uni / ckpt.COMPLETE).write_text((src / tag / ckpt.COMPLETE).read_text())
-    assert ckpt.resolve_resume(str(uni), "unused") == ResumePoint(str(tmp_path), "moved", True)
+        resolve_resume(str(uni), "unused")
+    (uni / tags.COMPLETE).write_text((src / tag / tags.COMPLETE).read_text())
+    assert resolve_resume(str(uni), "unused") == ResumePoint(str(tmp_path), "moved", True)
     # The copied marker must be the source's: another checkpoint's marker does not fit.
     other = _tag(src, 8, complete=True)
-    (uni / ckpt.COMPLETE).write_text((src / other / ckpt.COMPLETE).read_text())
+    (uni / tags.COMPLETE).write_text((src / other / tags.COMPLETE).read_text())
     with pytest.raises(FileNotFoundError, match="differ"):
-        ckpt.resolve_resume(str(uni), "unused")
+        resolve_resume(str(uni), "unused")

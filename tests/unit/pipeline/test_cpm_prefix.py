@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.training.config import load_train_config
 from pipeline.distributed import DistInfo
-from pipeline.training.run import resolve_cpm_prefix
+from pipeline.training.build import resolve_cpm_prefix
 
 MAIN = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo")
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from modeling.atomic_files import RefusedLink, remove_tree, replace_dir, write_atomic
-from pipeline.training import checkpointing as ckpt
+from pipeline.training import checkpoint_tags as tags
 from pipeline.training import preemption
+from pipeline.training.export import export_final
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_prune_refuses_to_delete_through_a_linked_tag(tmp_path):
     for step in (2, 3):
         (ckpt_dir / f"global_step{step}").mkdir()
         (ckpt_dir / f"global_step{step}" / "COMPLETE").write_text("{}")
-    removed = ckpt.prune(str(ckpt_dir), keep_last=1)
+    removed = tags.prune(str(ckpt_dir), keep_last=1)
     assert removed == ["global_step2"]
     assert (elsewhere / "COMPLETE").exists() and (elsewhere / "weights.pt").exists()
     assert (ckpt_dir / "global_step1").is_symlink()
@@ -123,7 +124,7 @@ class _FullDisk:
 def _export(model, tokenizer, out, saved_tokenizer=None):
     from modeling.model import FakeReasoningModel
 
-    return ckpt.export_final(model, lambda: FakeReasoningModel.from_config(model.config, tokenizer),
+    return export_final(model, lambda: FakeReasoningModel.from_config(model.config, tokenizer),
                              saved_tokenizer or tokenizer, str(out), rank=0)
 
 

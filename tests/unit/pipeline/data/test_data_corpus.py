@@ -111,7 +111,7 @@ def test_a_run_with_a_brace_pattern_builds_its_tokenizer_from_those_shards(tmp_p
     becomes one token of the vocabulary) and saved under <output_dir>/tokenizer."""
     from pipeline.distributed import DistInfo
     from pipeline.training.config import load_train_config
-    from pipeline.training.run import prepare_tokenizer
+    from pipeline.training.build import prepare_tokenizer
 
     shards = tmp_path / "shards"
     shards.mkdir()
