@@ -21,7 +21,7 @@ from pipeline.process_signals import STOP_SIGNALS, signal_numbers
 from pipeline.training.config import TrainConfig
 from pipeline.training import checkpoint_space as space
 from pipeline.training import checkpointing as ckpt
-from modeling.atomic_files import new_dir_beside, replace_dir, write_atomic
+from common.atomic_files import new_dir_beside, replace_dir, write_atomic
 from pipeline.training import preemption
 from pipeline.training.batch import plan_for, resume_note
 from pipeline.training.loop import CpmWatch, LoopContext, device_peak_flops, run_loop
@@ -83,13 +83,13 @@ def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
     """The configured tokenizer, or (rank 0 builds, the others wait) a BPE built
     from the shards under <output_dir>/tokenizer; an existing one is reused, so a
     resumed run tokenises exactly as before."""
-    from modeling.tokenizer_loading import load_tokenizer
+    from modeling.tokenization.loading import load_tokenizer
 
     path = cfg.tokenizer.path
     if path is None:
         path = os.path.join(cfg.output_dir, "tokenizer")
         if info.is_main and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from modeling.tokenizer import build_bpe_tokenizer
+            from modeling.tokenization.tokenizer import build_bpe_tokenizer
             from pipeline.data.corpus import tokenizer_corpus
 
             corpus = tokenizer_corpus(cfg.data.train_shards, cfg.tokenizer.corpus_samples, cfg.data.sizes_file)
@@ -109,7 +109,7 @@ def build_model(cfg: TrainConfig, tokenizer, skip_init: bool = False):
     (the export loads the gathered state), so skip the initialisers."""
     import contextlib
 
-    from modeling.checkpoint_io import skip_weight_init
+    from modeling.checkpoints.tensor_io import skip_weight_init
     from modeling.model import FakeReasoningModel
 
     torch.manual_seed(cfg.loop.seed)
@@ -350,7 +350,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
                              estimate=checkpoint_estimate() if info.is_main else None,
                              space_margin=cfg.checkpoint.space_margin)
 
-    from modeling.flops import step_flops
+    from modeling.costs.flops import step_flops
     from modeling.llm import causal_lm
 
     # The LLM's own row count (the tokenizer's length for a random-init one, the checkpoint's otherwise).
@@ -358,7 +358,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, t_start: float,
     peak_flops, peak_source = device_peak_flops(cfg.perf.peak_tflops, cfg.perf.gpu, dist.device())
     if info.is_main:
         log.info("perf/mfu peak: %s; model FLOPs per sample %.3g + per LLM position %.3g + per position "
-                 "pair %.3g (modeling.flops)", peak_source, flops.per_sample, flops.per_token, flops.per_token_pair)
+                 "pair %.3g (modeling.costs.flops)", peak_source, flops.per_sample, flops.per_token, flops.per_token_pair)
 
     progress = None
     if info.is_main:
