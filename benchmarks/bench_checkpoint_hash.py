@@ -33,7 +33,7 @@ import torch  # noqa: E402
 def tiny_rank_state() -> dict:
     from modeling.config import ModelConfig
     from modeling.model import FakeReasoningModel
-    from modeling.tokenizer import build_bpe_tokenizer, demo_corpus
+    from modeling.tokenization.tokenizer import build_bpe_tokenizer, demo_corpus
     from sharding.schema import ATTRIBUTES, EVAL_QUESTION
 
     with tempfile.TemporaryDirectory() as d:

@@ -106,7 +106,7 @@ def fit_layout_model(setup, out_dir: str, steps: int, seed: int = 0) -> str:
     (like launch/demo.py's tiny run); exported merged to out_dir. Deterministic."""
     import torch
 
-    from modeling.checkpoint import export_merged
+    from modeling.checkpoints.checkpoint import export_merged
     from modeling.image_processing import ImageProcessor
     from modeling.template import build_training_example
     from pipeline.evaluation.config import EvalConfig

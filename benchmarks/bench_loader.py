@@ -168,7 +168,7 @@ def measure(args) -> dict:
 
     from modeling.config import ModelConfig
     from modeling.image_processing import ImageProcessor
-    from modeling.tokenizer_loading import load_tokenizer
+    from modeling.tokenization.loading import load_tokenizer
     from pipeline.data import DataConfig, make_train_loader
 
     torch.set_num_threads(1)
@@ -221,7 +221,7 @@ def run(cmd: list[str]) -> None:
 
 
 def prepare(args) -> None:
-    from modeling.tokenizer import build_bpe_tokenizer
+    from modeling.tokenization.tokenizer import build_bpe_tokenizer
 
     raw, shards = os.path.join(args.work_dir, "raw"), os.path.join(args.work_dir, "shards")
     py = sys.executable

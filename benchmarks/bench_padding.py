@@ -77,7 +77,7 @@ def make_shards(work: str, train_images: int) -> str:
 
 def make_tokenizer(train: str, work: str):
     """The tokenizer a run with tokenizer.path null builds (same corpus, same size)."""
-    from modeling.tokenizer import build_bpe_tokenizer
+    from modeling.tokenization.tokenizer import build_bpe_tokenizer
     from pipeline.data.corpus import tokenizer_corpus
     from pipeline.training.config import TokenizerConfig
 

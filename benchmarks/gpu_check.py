@@ -11,9 +11,9 @@ and the device is CUDA):
   2. time forward+backward of a synthetic micro-batch of full training sequences
      (gradient checkpointing on, as in the paper recipe; no optimizer step):
      median step time, LLM positions per second, peak allocated memory, and MFU =
-     modeling.flops model FLOPs of the batch / (step time x peak of the device);
+     modeling.costs.flops model FLOPs of the batch / (step time x peak of the device);
      The plan phase records, next to the measured peak, what the plan's
-     formulas predict for that step (weights + modeling.memory's activations
+     formulas predict for that step (weights + modeling.costs.memory's activations
      and logits; with the trainable gradients as an upper bound), so the
      first GPU run calibrates `--check --plan`;
   3. generation at batch 16: a short prompt with the image, greedy, exactly
@@ -25,7 +25,7 @@ Then, when bitsandbytes imports (the 'quantize' extra), the quantized phase of
 the model built once more in bf16 (same seed, same random weights) scores
 --quant-images random images (p(fake) by the forced conclusion forward, as
 --detect-only does, and a short greedy answer), then its LLM is quantized in
-place (modeling.quantization) and the same images are scored again: LLM
+place (modeling.checkpoints.quantization) and the same images are scored again: LLM
 linear-weight bytes before/after, device memory allocated after, the largest
 |p(fake) difference|, the share of equal verdicts at 0.5 and of identical answers.
 Writes JSON (--out, default benchmarks/results/gpu_check.json) after every
@@ -56,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_paper_step import (QUESTION, build_variant, free, make_tokenizer,  # noqa: E402
                                        synthetic_batch, time_train_steps)
-from modeling import flops as model_flops  # noqa: E402
-from modeling import memory as model_memory  # noqa: E402
+from modeling.costs import flops as model_flops  # noqa: E402
+from modeling.costs import memory as model_memory  # noqa: E402
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.llm import causal_lm  # noqa: E402
 from modeling.template import build_prompt  # noqa: E402
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch", type=int, default=16, help="generation batch (default 16)")
     ap.add_argument("--gen-new-tokens", type=int, default=64, help="new tokens per generated answer")
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="peak TFLOP/s of the device for MFU (default: modeling.flops.PEAK_TFLOPS by the "
+                    help="peak TFLOP/s of the device for MFU (default: modeling.costs.flops.PEAK_TFLOPS by the "
                          "CUDA device name; none on CPU)")
     ap.add_argument("--quantize", default="8bit,4bit",
                     help="quantized phase: comma-separated 8bit/4bit, or 'none' (needs bitsandbytes)")
@@ -141,7 +141,7 @@ def sync(device: torch.device) -> None:
 def plan_prediction(model, cfg: ModelConfig, batch_size: int, seq_len: int, grad_ckpt: bool, vocab: int,
                     device: torch.device) -> dict:
     """What the plan's formulas predict for this step on one device without ZeRO:
-    every weight (as built, in bf16), the activations and logits of modeling.memory
+    every weight (as built, in bf16), the activations and logits of modeling.costs.memory
     for this device's kernels, and, as an upper bound, the trainable parameters'
     gradients (the step keeps them; under ZeRO-3 they leave in buckets)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -211,7 +211,7 @@ def measure_generation(model, cfg: ModelConfig, tok, args, device) -> dict:
 def _llm_linear_bytes(model) -> int:
     from torch import nn
 
-    from modeling.quantization import weight_bytes
+    from modeling.checkpoints.quantization import weight_bytes
 
     lm = causal_lm(model.llm)
     return sum(weight_bytes(m) for n, m in lm.named_modules()
@@ -227,7 +227,7 @@ def _score_for_quant(model, px, prompts, new_tokens: int) -> tuple[torch.Tensor,
 
 def measure_quantized(cfg: ModelConfig, tok, bits: str, args, device) -> dict:
     """One bits setting of the quantized phase (see the module doc)."""
-    from modeling.quantization import quantize_llm
+    from modeling.checkpoints.quantization import quantize_llm
 
     model, _ = build_variant(cfg, tok, "sdpa", device, grad_ckpt=False, cast_dtype=True)
     model.eval()
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     report = {
         "preset": args.preset, "device": device_name, "dtype": cfg.dtype, "torch": torch.__version__,
         "peak_tflops": peak_tflops, "attn_note": attn_note, "budget_s": args.budget_s, "results": [],
-        "flops_convention": "modeling.flops: model FLOPs (matmuls, forward + backward, frozen weights without "
+        "flops_convention": "modeling.costs.flops: model FLOPs (matmuls, forward + backward, frozen weights without "
                             "weight gradients, full L x L attention, no recomputation)",
     }
     tok = make_tokenizer()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.model import FakeReasoningModel  # noqa: E402
 from modeling.template import build_training_example  # noqa: E402
-from modeling.tokenizer import build_bpe_tokenizer, demo_corpus  # noqa: E402
+from modeling.tokenization.tokenizer import build_bpe_tokenizer, demo_corpus  # noqa: E402
 from modeling.vision import torch_dtype  # noqa: E402
 
 QUESTION = ("Is this image real or fake? Please describe the image, reasoning step-by-step and "

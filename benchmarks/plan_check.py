@@ -1,10 +1,10 @@
-"""The plan's activation formula (modeling.memory) against the peak of a real
-forward and backward under FakeTensorMode + MemTracker (modeling.fake_step), on
+"""The plan's activation formula (modeling.costs.memory) against the peak of a real
+forward and backward under FakeTensorMode + MemTracker (modeling.costs.fake_step), on
 a CPU, without allocating: micro-batch 1 and 8, with and without gradient
 checkpointing.
 
     python benchmarks/plan_check.py --llm-layers 8        # benchmarks/results/plan_check.json (about 100 s a case)
-    python benchmarks/plan_check.py --shape reduced       # what tests/unit/modeling/test_memory.py runs
+    python benchmarks/plan_check.py --shape reduced       # what tests/unit/modeling/costs/test_memory.py runs
     python benchmarks/plan_check.py                       # all 40 decoder layers: very slow, see below
 
 MemTracker's bookkeeping grows faster than linearly with the model's depth: on a
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling.config import ModelConfig  # noqa: E402
-from modeling.fake_step import measure  # noqa: E402
-from modeling.memory import activation_bytes  # noqa: E402
+from modeling.costs.fake_step import measure  # noqa: E402
+from modeling.costs.memory import activation_bytes  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "plan_check.json"
 

@@ -56,10 +56,10 @@ def build_tiny_model(out_dir: str, seed: int = 0) -> str:
     """The tiny preset with a BPE tokenizer built on the MMFR vocabulary, exported merged."""
     import torch
 
-    from modeling.checkpoint import export_merged
+    from modeling.checkpoints.checkpoint import export_merged
     from modeling.config import ModelConfig
     from modeling.model import FakeReasoningModel
-    from modeling.tokenizer import build_bpe_tokenizer, demo_corpus
+    from modeling.tokenization.tokenizer import build_bpe_tokenizer, demo_corpus
     from sharding.schema import ATTRIBUTES, EVAL_QUESTION
 
     torch.manual_seed(seed)

@@ -14,7 +14,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from modeling.config_loading import ConfigError, check_fields, load_section
+from common.config_loading import ConfigError, check_fields, load_section
 
 # The choices of the model's string fields (the loader checks values against them).
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
@@ -106,7 +106,7 @@ class LLMConfig:
     unmodified LLaVA `llava_llama` folder (llava-v1.5-13b, MoF_Models; told by
     config.json's model_type), whose LLaMA weights load into the LLM and whose
     model.mm_projector.* / model.dino_mm_projector.* initialise clip_projector /
-    dino_projector (modeling.base_checkpoint). The fields below must describe
+    dino_projector (modeling.checkpoints.base). The fields below must describe
     it. None builds a LlamaForCausalLM from them with random weights."""
     vocab_size: int | None = None
     """Embedding rows for random init; None takes len(tokenizer)."""
@@ -289,7 +289,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict, *, base: "ModelConfig | None" = None) -> "ModelConfig":
         """Build from a (possibly partial) nested dict over `base` (default: the
-        dataclass defaults), through the typed loader (modeling.config_loading):
+        dataclass defaults), through the typed loader (common.config_loading):
         every value is checked against its field's type, unknown keys are an
         error naming the dotted field (`model.llm.hidden_sze`)."""
         return load_section(cls, data, "model", base=base).validate()

@@ -76,7 +76,7 @@ class DecisionLocator:
 
     tokenizer: any transformers tokenizer (decode is the only call made);
     prefix: the conclusion text before the decision word, e.g. "<CONCLUSION> This image is";
-    decision_tokens: the ids that can carry the decision there (modeling.tokenizer.cpm_decision_tokens);
+    decision_tokens: the ids that can carry the decision there (modeling.tokenization.tokenizer.cpm_decision_tokens);
     prefix_len: the prefix's length in tokens (the window decoded is this plus a slack).
     """
 

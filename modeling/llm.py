@@ -1,5 +1,5 @@
 """The language model: from a local directory (a transformers LM, or an unmodified
-LLaVA `llava_llama` folder, see modeling.base_checkpoint), or a LLaMA built from
+LLaVA `llava_llama` folder, see modeling.checkpoints.base), or a LLaMA built from
 `LLMConfig` with random weights; LoRA through peft on its linear layers only
 (lm_head excluded)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeling.base_checkpoint import BaseCheckpoint, check_llm_tensors, inspect_base
+from modeling.checkpoints.base import BaseCheckpoint, check_llm_tensors, inspect_base
 from modeling.config import ConfigError, LLMConfig, LoRAConfig, ModelConfig
 from modeling.vision import torch_dtype
 
@@ -23,7 +23,7 @@ def build_llm(cfg: ModelConfig, vocab_size: int | None, pad_token_id: int | None
     Under an active HfDeepSpeedConfig with ZeRO-3, transformers partitions the
     model at construction (from_pretrained and _from_config both do).
     A loaded one: every tensor of llm.path is accounted for (see
-    modeling.base_checkpoint; its projectors are loaded by the model, not here)
+    modeling.checkpoints.base; its projectors are loaded by the model, not here)
     and the llm.* shape fields must match it.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

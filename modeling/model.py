@@ -18,7 +18,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from modeling import cpm as cpm_math
-from modeling.base_checkpoint import init_projectors_from_base, inspect_base
+from modeling.checkpoints.base import init_projectors_from_base, inspect_base
 from modeling.config import ModelConfig
 from modeling.fusion import ForgeryAwareFusion
 from modeling.llm import apply_lora, build_llm, causal_lm, llm_dtype
@@ -88,7 +88,7 @@ class FakeReasoningModel(nn.Module):
         """Build every component from `cfg` (random weights where a path is None).
 
         tokenizer: a transformers tokenizer; gives the vocabulary size, pad/eos
-        ids and the CPM ids (via modeling.tokenizer.cpm_context). Without one
+        ids and the CPM ids (via modeling.tokenization.tokenizer.cpm_context). Without one
         (e.g. the meta-device summary), `cfg.llm.vocab_size` must be set and
         the CPM/generation methods are unavailable.
         """
@@ -102,7 +102,7 @@ class FakeReasoningModel(nn.Module):
         vocab = None
         pad = bos = eos = None
         if tokenizer is not None:
-            from modeling.tokenizer import cpm_context, cpm_decision_tokens
+            from modeling.tokenization.tokenizer import cpm_context, cpm_decision_tokens
 
             prefix = cfg.cpm.resolved_prefix
             prefix_ids, self.real_id, self.fake_id = cpm_context(tokenizer, prefix)

@@ -211,7 +211,7 @@ def read_official_dino_checkpoint(path: str, d: DinoTowerConfig) -> dict[str, to
     blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2,
     ls2.gamma}.*, norm.*), checked against the dino.* sizes. `.pth` is read with
     weights_only=True; `.safetensors` also works."""
-    from modeling.checkpoint_io import CheckpointError, read_tensor_file
+    from modeling.checkpoints.tensor_io import CheckpointError, read_tensor_file
 
     try:
         state = read_tensor_file(path)
@@ -271,7 +271,7 @@ def _hf_dino_config(d: DinoTowerConfig, image_size: int):
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers model directory (single or sharded files)."""
-    from modeling.checkpoint_io import CheckpointError, read_weights
+    from modeling.checkpoints.tensor_io import CheckpointError, read_weights
 
     try:
         return read_weights(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TypeVar
 
-from modeling.config_loading import ConfigError
+from common.config_loading import ConfigError
 
 C = TypeVar("C")
 

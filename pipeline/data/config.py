@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from modeling.config_loading import ConfigError, check_fields, load_section
+from common.config_loading import ConfigError, check_fields, load_section
 from modeling.image_processing import ImageLimits
 
 from .reader import MAX_MEMBER_BYTES
@@ -158,7 +158,7 @@ class DataConfig:
     1,000,000 x 1 pixels: cheap to decode, 3 TB once padded to a square."""
 
     def validate(self) -> "DataConfig":
-        """Check field types (modeling.config_loading), values and combinations;
+        """Check field types (common.config_loading), values and combinations;
         raise ConfigError naming the field as data.<field>."""
         check_fields(self, "data")
 

@@ -85,8 +85,8 @@ def shard_corpus(train_shards: str, limit: int, roles: tuple[str, ...] | None = 
 def tokenizer_corpus(train_shards: str, limit: int, sizes_file: str | None = None) -> list[str]:
     """What a tokenizer built for a run (tokenizer.path null) learns from: the
     texts of the first `limit` training samples, then the project's fixed texts
-    (system prompt, evaluation question, attribute names: modeling.tokenizer.demo_corpus)."""
-    from modeling.tokenizer import demo_corpus
+    (system prompt, evaluation question, attribute names: modeling.tokenization.tokenizer.demo_corpus)."""
+    from modeling.tokenization.tokenizer import demo_corpus
     from sharding.schema import ATTRIBUTES, EVAL_QUESTION
 
     texts = list(shard_corpus(train_shards, limit, sizes_file=sizes_file))

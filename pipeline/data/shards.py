@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from webdataset.shardlists import expand_urls
 
-from modeling.atomic_files import plain_file_name
+from common.atomic_files import plain_file_name
 
 SIZES_FILE = "sizes.json"
 MANIFEST_FILE = "manifest.json"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from modeling.atomic_files import write_atomic
+from common.atomic_files import write_atomic
 from pipeline.training.batch import plan_for
 from pipeline.training.config import TrainConfig, TrainConfigError
 

@@ -6,15 +6,16 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from modeling.config import Dtype
-from modeling.config_loading import ConfigError, check_fields, load_section
+from common.config_loading import ConfigError, check_fields, load_section
 from modeling.image_processing import ImageLimits
+from pipeline.evaluation.input_checks import check_eval_inputs
 from pipeline.tracking import WandbConfig
 
 if TYPE_CHECKING:
     from pipeline.evaluation.perturbations import Perturbation
 
 
-# The old name of the one configuration error class (modeling.config_loading).
+# The old name of the one configuration error class (common.config_loading).
 EvalConfigError = ConfigError
 
 
@@ -159,10 +160,8 @@ class EvalConfig:
         return load_section(cls, values, "").validate()
 
     def validate(self) -> "EvalConfig":
-        """Types (modeling.config_loading), values, then every input path
-        (pipeline.input_paths); raise ConfigError naming the field."""
-        from pipeline.input_paths import check_eval_inputs
-
+        """Types (common.config_loading), values, then every input path
+        (pipeline.evaluation.input_checks); raise ConfigError naming the field."""
         check_fields(self, "")
         if not self.checkpoint:
             raise ConfigError("checkpoint: required (a model directory)")

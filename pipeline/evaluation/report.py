@@ -23,9 +23,11 @@ from pipeline.evaluation.calibration import threshold_report
 from pipeline.evaluation.metrics import generator_order, set_metrics
 from pipeline.evaluation.parsing import ALL_STATUSES, PARSEABLE_STATUSES
 from sharding.shard_set import file_digest
-from pipeline.evaluation.perturbations import parse_perturbations, robustness_markdown, robustness_results
+from pipeline.evaluation.perturbations import parse_perturbations
+from pipeline.evaluation.robustness import robustness_markdown, robustness_results
+from pipeline.evaluation.table_format import format_value
 from pipeline.evaluation.video import VIDEO_COLUMNS, video_set_metrics
-from modeling.atomic_files import atomic_writer, write_atomic
+from common.atomic_files import atomic_writer, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +82,6 @@ PROTOCOL_TITLES = {
     "reference": "reference (forgery_eval/eval.py: llava_v1 prompt, sampling, substring parser, "
                  "images listed in the reasoning JSONs)",
 }
-
-
-def table_value(value: float | int | None, kind: str) -> float | int | None:
-    """A table cell as a number, in the unit of its column (pct x100), unrounded;
-    None when undefined. The W&B tables hold these, so they sort and plot."""
-    if value is None:
-        return None
-    if kind == "int":
-        return int(value)
-    if kind == "pct":
-        return 100.0 * value
-    return float(value)
-
-
-def format_value(value: float | int | None, kind: str) -> str:
-    """How a number appears in results.md ("n/a" when undefined)."""
-    number = table_value(value, kind)
-    if number is None:
-        return "n/a"
-    if kind == "int":
-        return str(number)
-    return f"{number:.2f}" if kind == "pct" else f"{number:.4f}"
 
 
 def checkpoint_identity(path: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from modeling.atomic_files import remove_tree, write_atomic
+from common.atomic_files import remove_tree, write_atomic
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = "partial"

@@ -54,8 +54,8 @@ def load_model(cfg):
 
     cfg: an EvalConfig or a PredictConfig (fields checkpoint, dtype,
     reference_base_model, and optionally quantize: the LLM's linear layers
-    loaded in 8 or 4 bits, modeling.quantization)."""
-    from modeling.checkpoint import checkpoint_format, import_reference, load_for_inference
+    loaded in 8 or 4 bits, modeling.checkpoints.quantization)."""
+    from modeling.checkpoints.checkpoint import checkpoint_format, import_reference, load_for_inference
     from modeling.config import ModelConfig
 
     d = Path(cfg.checkpoint)
@@ -71,7 +71,7 @@ def load_model(cfg):
         fmt = "fakereasoning"
     bits = getattr(cfg, "quantize", None)
     if bits:
-        from modeling.quantization import quantize_llm
+        from modeling.checkpoints.quantization import quantize_llm
 
         quantize_llm(model, bits)
     return model, tok, fmt
@@ -360,7 +360,7 @@ def refresh_model_card(checkpoint: str, results: dict[str, Any]) -> None:
     so the card can change without changing the identity. A read-only checkpoint
     folder (a shared release) keeps its card; the results are in `cfg.out` anyway.
     """
-    from modeling.model_card import CARD_FILE, update_card_evaluation
+    from modeling.checkpoints.model_card import CARD_FILE, update_card_evaluation
 
     if not (Path(checkpoint) / CARD_FILE).is_file():
         return

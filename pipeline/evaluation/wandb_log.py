@@ -139,7 +139,8 @@ def metric_tables(results: Mapping[str, Any]) -> dict[str, Any]:
     """eval/<set>/<convention>: generators, average and all-images rows, numeric cells."""
     import wandb
 
-    from pipeline.evaluation.report import REFERENCE_COLUMNS, STRICT_COLUMNS, table_value
+    from pipeline.evaluation.report import REFERENCE_COLUMNS, STRICT_COLUMNS
+    from pipeline.evaluation.table_format import table_value
 
     tables = {}
     for name, m in results["sets"].items():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modeling.config import Dtype
-from modeling.config_loading import ConfigError, check_fields
+from common.config_loading import ConfigError, check_fields
 from pipeline.evaluation.config import (
     PROTOCOL_GENERATION,
     Conversation,
@@ -109,7 +109,7 @@ class PredictConfig:
         """Types, values and paths; a ConfigError names the field. require_inputs False:
         inputs come later, one by one (the web demo)."""
         from pipeline.input_paths import CHECKPOINT_FOLDER
-        from modeling.input_paths import require, require_model_folder
+        from modeling.checkpoints.input_paths import require, require_model_folder
 
         check_fields(self, "")
         if not self.checkpoint:
@@ -141,7 +141,7 @@ class PredictConfig:
         if self.reference_base_model is not None:
             require_model_folder("reference_base_model", self.reference_base_model)
         if self.quantize is not None:
-            from modeling.quantization import QuantizationError, import_bitsandbytes
+            from modeling.checkpoints.quantization import QuantizationError, import_bitsandbytes
 
             try:
                 import_bitsandbytes()

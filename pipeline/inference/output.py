@@ -6,7 +6,7 @@ finishes, to its own journal `FILE.partial/<attempt>-rank<R>.jsonl` (fsync'd,
 so a kill loses at most the run in flight); at the end rank 0 writes FILE:
 the records FILE already had, then every journal's records (each journal in
 input order, ranks merged by input position), in FILE's format, to a temporary
-file in the same folder that replaces FILE atomically (modeling.atomic_files), and
+file in the same folder that replaces FILE atomically (common.atomic_files), and
 removes the journals.
 
 Resuming: a scored record is keyed by the content sha256 of its input and the
@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from modeling.atomic_files import atomic_writer, remove_tree
+from common.atomic_files import atomic_writer, remove_tree
 
 CSV_COLUMNS: tuple[str, ...] = (
     "index", "path", "kind", "status", "reason", "verdict", "p_fake", "threshold", "mode",

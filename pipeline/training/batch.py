@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from modeling.config_loading import ConfigError
+from common.config_loading import ConfigError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from modeling.atomic_files import new_dir_beside, replace_dir, write_atomic
+from common.atomic_files import new_dir_beside, replace_dir, write_atomic
 from modeling.vision import torch_dtype
 from pipeline import distributed as dist
 from pipeline.training import checkpoint_space as space
@@ -88,13 +88,13 @@ def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
     """The configured tokenizer, or (rank 0 builds, the others wait) a BPE built
     from the shards under <output_dir>/tokenizer; an existing one is reused, so a
     resumed run tokenises exactly as before."""
-    from modeling.tokenizer_loading import load_tokenizer
+    from modeling.tokenization.loading import load_tokenizer
 
     path = cfg.tokenizer.path
     if path is None:
         path = os.path.join(cfg.output_dir, "tokenizer")
         if info.is_main and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from modeling.tokenizer import build_bpe_tokenizer
+            from modeling.tokenization.tokenizer import build_bpe_tokenizer
             from pipeline.data.corpus import tokenizer_corpus
 
             corpus = tokenizer_corpus(cfg.data.train_shards, cfg.tokenizer.corpus_samples, cfg.data.sizes_file)
@@ -112,7 +112,7 @@ def prepare_tokenizer(cfg: TrainConfig, info: dist.DistInfo):
 def build_model(cfg: TrainConfig, tokenizer, skip_init: bool = False):
     """The model (seeded). skip_init: its weights are about to be overwritten
     (the export loads the gathered state), so skip the initialisers."""
-    from modeling.checkpoint_io import skip_weight_init
+    from modeling.checkpoints.tensor_io import skip_weight_init
     from modeling.model import FakeReasoningModel
 
     torch.manual_seed(cfg.loop.seed)

@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 
-from modeling.atomic_files import is_link
+from common.atomic_files import is_link
 
 # The checkpoint modules log under one name, the one of their common entry point.
 log = logging.getLogger("pipeline.training.checkpointing")

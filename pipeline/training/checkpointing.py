@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from modeling.atomic_files import write_atomic
+from common.atomic_files import write_atomic
 from pipeline import distributed as dist
 from pipeline.training import checkpoint_space as space
 from pipeline.training.checkpoint_tags import COMPLETE, POINTER, is_complete, prune, tag_for

@@ -113,7 +113,7 @@ def _plan(args, overrides: list[str]) -> int:
     """--check --plan: the plan printed (and written as JSON); 2 on a config error.
     The input paths are checked but not needed: a missing one is a note, so that a
     recipe can be planned before its data and models are downloaded."""
-    from modeling.config_loading import ConfigError
+    from common.config_loading import ConfigError
     from pipeline.cli_config import EXIT_BAD_CONFIG
     from pipeline.input_paths import check_train_inputs
     from pipeline.training.config import load_train_config

@@ -9,7 +9,7 @@ model has been partitioned over 64 GPUs.
 
 `model` takes a `preset` key (tiny | paper) whose values the other keys of the
 section override; `data` is the data stream's own DataConfig. Every section goes
-through the one typed loader (modeling.config_loading): each value is checked
+through the one typed loader (common.config_loading): each value is checked
 against its field's annotation and errors are ConfigError naming the dotted field.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from modeling.config import ModelConfig, ModelPreset
-from modeling.config_loading import (  # noqa: F401 (parse_overrides: part of this module's API)
+from common.config_loading import (  # noqa: F401 (parse_overrides: part of this module's API)
     ConfigError,
     apply_section,
     check_fields,

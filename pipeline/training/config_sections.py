@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from modeling.config_loading import ConfigError
-from modeling.flops import PEAK_TFLOPS
+from common.config_loading import ConfigError
+from modeling.costs.flops import PEAK_TFLOPS
 from pipeline.process_signals import STOP_SIGNALS
 
-# The old name of the one configuration error class (modeling.config_loading).
+# The old name of the one configuration error class (common.config_loading).
 TrainConfigError = ConfigError
 
 # perf.gpu: "auto" or a key of the peak table.
@@ -161,7 +161,7 @@ class CpmCheckConfig:
 class PerfConfig:
     """Model FLOPs utilisation (perf/mfu): the peak one device could deliver.
 
-    perf/mfu = model FLOPs of the step's real tokens (modeling.flops) /
+    perf/mfu = model FLOPs of the step's real tokens (modeling.costs.flops) /
     (step time x ranks x peak). Without a peak (CPU, an unknown GPU) perf/mfu is
     not logged; perf/model_tflops_per_s (achieved, per rank) always is."""
 
@@ -170,7 +170,7 @@ class PerfConfig:
     it from `gpu`. Set it for a GPU the table lacks or a precision it does not
     describe (the table is bf16/fp16 tensor cores; fp32 runs are lower)."""
     gpu: GpuName = "auto"
-    """Which entry of modeling.flops.PEAK_TFLOPS gives the peak when
+    """Which entry of modeling.costs.flops.PEAK_TFLOPS gives the peak when
     peak_tflops is null: "auto" matches torch.cuda.get_device_name() of the
     rank's device against the table (no CUDA device or no match: no perf/mfu,
     with a log line saying why), or a table key such as "H100" or "A100"."""

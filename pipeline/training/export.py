@@ -6,7 +6,7 @@ import os
 import shutil
 from collections.abc import Mapping
 
-from modeling.atomic_files import RefusedLink, is_link, new_dir_beside, replace_dir
+from common.atomic_files import RefusedLink, is_link, new_dir_beside, replace_dir
 from pipeline import distributed as dist
 
 
@@ -14,15 +14,15 @@ def export_final(model, build_plain_model, tokenizer, out_dir: str, rank: int,
                  card: Mapping | str | None = None) -> dict[str, str]:
     """Every rank: gather the ZeRO-3 partitions; rank 0 writes
 
-      <out_dir>/trainable/   LoRA adapter + the non-LoRA trainables (modeling.checkpoint.save_trainable)
-      <out_dir>/merged/      the merged model directory (modeling.checkpoint.export_merged)
+      <out_dir>/trainable/   LoRA adapter + the non-LoRA trainables (modeling.checkpoints.checkpoint.save_trainable)
+      <out_dir>/merged/      the merged model directory (modeling.checkpoints.checkpoint.export_merged)
 
     `build_plain_model()` makes an unpartitioned model of the same architecture
     on rank 0, into which the gathered full state dict is loaded. `card`: the
     training section of both folders' README.md (the run's config dict, or
-    markdown; modeling.model_card).
+    markdown; modeling.checkpoints.model_card).
     """
-    from modeling.checkpoint import export_merged, save_trainable
+    from modeling.checkpoints.checkpoint import export_merged, save_trainable
 
     state = dist.gather_state_dict(model, rank)
     paths = {"trainable": os.path.join(out_dir, "trainable"), "merged": os.path.join(out_dir, "merged")}

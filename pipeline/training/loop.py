@@ -11,7 +11,7 @@ without any RNG state in the checkpoint.
 
 Throughput metrics of a step (perf/*), besides samples and tokens per second:
 - perf/model_tflops_per_s: model FLOPs of the step's real positions
-  (modeling.flops: forward and backward, no recomputation, padding excluded)
+  (modeling.costs.flops: forward and backward, no recomputation, padding excluded)
   per second and per rank; perf/mfu: that over the device's peak
   (`perf.peak_tflops` / the known-GPU table; not logged when no peak is known,
   e.g. on CPU, rather than logged as NaN).
@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 import torch
 
-from modeling.flops import PEAK_TFLOPS, StepFlops
-from modeling.flops import peak_tflops as peak_tflops_for
+from modeling.costs.flops import PEAK_TFLOPS, StepFlops
+from modeling.costs.flops import peak_tflops as peak_tflops_for
 from pipeline import distributed as dist
 from pipeline.data.plan import seeded_rng
 from pipeline.training.checkpointing import TrainState
@@ -356,7 +356,7 @@ class LoopContext:
     cpm_watch: CpmWatch | None = None
     """Per-step check that the CPM finds its position (None: no check)."""
     flops: StepFlops | None = None
-    """The model's training FLOPs (modeling.flops.step_flops); None: no FLOPs metrics."""
+    """The model's training FLOPs (modeling.costs.flops.step_flops); None: no FLOPs metrics."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device (device_peak_flops); None: perf/mfu is not logged."""
     stop_requested: Callable[[], bool] = lambda: False
@@ -435,8 +435,8 @@ def device_peak_flops(peak_tflops: float | None, gpu: str, device: torch.device 
     name = torch.cuda.get_device_name(device)
     peak = peak_tflops_for(name)
     if peak is None:
-        return None, f"{name!r} is not in modeling.flops.PEAK_TFLOPS: perf/mfu is not logged (set perf.peak_tflops)"
-    return peak * 1e12, f"{name}: {peak:g} TFLOP/s dense bf16/fp16 (modeling.flops.PEAK_TFLOPS)"
+        return None, f"{name!r} is not in modeling.costs.flops.PEAK_TFLOPS: perf/mfu is not logged (set perf.peak_tflops)"
+    return peak * 1e12, f"{name}: {peak:g} TFLOP/s dense bf16/fp16 (modeling.costs.flops.PEAK_TFLOPS)"
 
 
 def check_metrics(metrics: dict[str, float], step: int) -> None:

@@ -7,10 +7,10 @@ config.json when model.llm.path is set, from the preset otherwise), its
 parameters counted per component, and the per-GPU memory added up line by line:
 ZeRO model states and buffers (pipeline/distributed/zero_memory.py, DeepSpeed's
 own estimator), activations of one micro-batch of the longest sequences the
-loader can make (modeling/memory.py, checked against a FakeTensorMode step),
+loader can make (modeling/costs/memory.py, checked against a FakeTensorMode step),
 and a fragmentation margin. The verdict names the largest micro-batch that
 fits with the accumulation that keeps the global batch, or the offload that
-makes it fit. The time is modeling.flops' model FLOPs per optimizer step at an
+makes it fit. The time is modeling.costs.flops' model FLOPs per optimizer step at an
 assumed MFU of the GPU's dense bf16 peak.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from modeling.config_loading import ConfigError
-from modeling.flops import PEAK_TFLOPS, step_flops
-from modeling.memory import activation_terms, recompute_bytes, tower_forward_bytes
+from common.config_loading import ConfigError
+from modeling.costs.flops import PEAK_TFLOPS, step_flops
+from modeling.costs.memory import activation_terms, recompute_bytes, tower_forward_bytes
 from pipeline.distributed.zero_memory import MemLine, model_state_lines, zero3_buffer_lines
 from pipeline.training.batch import BatchPlan, plan_for
 from pipeline.training.config import TrainConfig
@@ -110,7 +110,7 @@ def planned_model_config(cfg: TrainConfig):
 
     m = copy.deepcopy(cfg.model)
     if m.llm.path:
-        from modeling.base_checkpoint import inspect_base
+        from modeling.checkpoints.base import inspect_base
 
         try:
             config = inspect_base(m.llm.path).llm_config()
@@ -132,13 +132,13 @@ def planned_model_config(cfg: TrainConfig):
 
 
 def count_parameters(model_cfg, persistence_threshold: int) -> dict:
-    """Counts of the meta-device model: per component (modeling.summary), the
+    """Counts of the meta-device model: per component (modeling.costs.summary), the
     largest module's own parameters (DeepSpeed's "largest layer"), the largest
     block of a stack (a decoder layer) and the
     parameters in tensors below the ZeRO-3 persistence threshold."""
     import torch
 
-    from modeling.summary import build_meta, summarize
+    from modeling.costs.summary import build_meta, summarize
 
     model = build_meta(model_cfg)
     components = {k: {"total": v["total"], "trainable": v["trainable"], "frozen": v["frozen"]}
@@ -178,7 +178,7 @@ def _memory(cfg: TrainConfig, model_cfg, params: dict, batch: BatchPlan, positio
              else "the frozen towers' forward" if peak == towers and towers > logits_phase
              else "the start of the backward")
     lines.append(MemLine("activations", int(peak - logits if peak == logits_phase else peak),
-                         f"peak at {where}; terms below (modeling/memory.py)"))
+                         f"peak at {where}; terms below (modeling/costs/memory.py)"))
     lines.append(MemLine("logits", int(logits) if peak == logits_phase else 0,
                          f"14 B x vocabulary {model_cfg.llm.vocab_size} x {positions} positions x micro-batch {b}"))
     info = {"micro_batch": b, "gradient_checkpointing": ckpt, "logits_phase": logits_phase,

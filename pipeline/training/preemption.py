@@ -57,7 +57,7 @@ from typing import Callable, Iterable
 
 # The stop signals and the mask are shared with the loader workers.
 from pipeline.process_signals import STOP_SIGNALS, signal_numbers
-from modeling.atomic_files import write_atomic
+from common.atomic_files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import os
 import signal
 import time
 
-from modeling.atomic_files import write_atomic
-from modeling.flops import StepFlops
+from common.atomic_files import write_atomic
+from modeling.costs.flops import StepFlops
 from modeling.vision import torch_dtype
 from pipeline import distributed as dist
 from pipeline.process_signals import STOP_SIGNALS, signal_numbers
@@ -272,7 +272,7 @@ def loader_factory(run: Run):
 
 def model_flops(run: Run) -> tuple[StepFlops, float | None]:
     """The model's training FLOPs and the device's peak FLOP/s (perf/mfu), logged by rank 0."""
-    from modeling.flops import step_flops
+    from modeling.costs.flops import step_flops
     from modeling.llm import causal_lm
 
     cfg = run.cfg
@@ -281,7 +281,7 @@ def model_flops(run: Run) -> tuple[StepFlops, float | None]:
     peak_flops, peak_source = device_peak_flops(cfg.perf.peak_tflops, cfg.perf.gpu, dist.device())
     if run.info.is_main:
         log.info("perf/mfu peak: %s; model FLOPs per sample %.3g + per LLM position %.3g + per position "
-                 "pair %.3g (modeling.flops)", peak_source, flops.per_sample, flops.per_token, flops.per_token_pair)
+                 "pair %.3g (modeling.costs.flops)", peak_source, flops.per_sample, flops.per_token, flops.per_token_pair)
     return flops, peak_flops
 
 

@@ -60,11 +60,13 @@ def _clean_env(bin_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_wheel_holds_the_packages_recipes_and_metric(installed, tmp_path):
-    code = ("import json, os, pipeline, modeling, sharding\n"
+    code = ("import json, os, common, pipeline, modeling, sharding\n"
+            "import modeling.checkpoints, modeling.tokenization, modeling.costs\n"
             "from pipeline.training.config import packaged_recipes, recipe_path\n"
             "from pipeline.evaluation.metrics import FDR_METRIC_DIR\n"
             "from sharding.annotate.prompts import load_prompts\n"
-            "print(json.dumps({'files': [m.__file__ for m in (pipeline, modeling, sharding)],\n"
+            "print(json.dumps({'files': [m.__file__ for m in (common, pipeline, modeling, sharding,\n"
+            "  modeling.checkpoints, modeling.tokenization, modeling.costs)],\n"
             "  'recipes': packaged_recipes(), 'tiny': recipe_path('tiny-cpu'),\n"
             "  'metric': os.path.isfile(os.path.join(FDR_METRIC_DIR, 'fdr_metric.py')),\n"
             "  'prompts': load_prompts().path}))\n")

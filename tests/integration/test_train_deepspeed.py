@@ -150,7 +150,7 @@ def test_export_and_zero_to_fp32(runs, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from modeling.checkpoint import load_pretrained
+    from modeling.checkpoints.checkpoint import load_pretrained
 
     export = runs["A"] / "export"
     trainables = load_file(str(export / "trainable" / "non_lora_trainables.safetensors"))

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = r"""
 import json, torch, deepspeed
 from pipeline import distributed as dist
-from modeling.checkpoint_io import CheckpointError, ensure_materialised
+from modeling.checkpoints.tensor_io import CheckpointError, ensure_materialised
 
 torch.distributed.init_process_group("gloo")
 with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,

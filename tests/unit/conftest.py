@@ -13,6 +13,6 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
-    from modeling.checkpoint import load_for_inference
+    from modeling.checkpoints.checkpoint import load_for_inference
 
     return load_for_inference(tiny_checkpoint)

@@ -209,7 +209,7 @@ def job_overrides(shards: Path, out: Path, tokenizer: Path) -> list[str]:
 def job_data(mmfr_shards, tmp_path_factory) -> dict:
     """The session's training shards and a tokenizer built from them the way
     train.py builds one when tokenizer.path is null (done once, not per run)."""
-    from modeling.tokenizer import build_bpe_tokenizer
+    from modeling.tokenization.tokenizer import build_bpe_tokenizer
     from pipeline.data.corpus import tokenizer_corpus
 
     tok = tmp_path_factory.mktemp("tokenizer") / "tokenizer"

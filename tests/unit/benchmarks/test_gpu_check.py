@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modeling import flops
+from modeling.costs import flops
 from modeling.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[3]
@@ -35,7 +35,7 @@ def test_tiny_cpu_smoke_writes_json_and_prints_the_table(tmp_path):
     assert entry["attn_implementation"] == "sdpa" and "error" not in entry["build"]
     train, gen = entry["train"], entry["generate"]
     assert train["step_s_median"] > 0 and train["peak_mem_gib"] > 0 and train["loss"] == train["loss"]
-    # The FLOPs are modeling.flops' for the batch's shape, and MFU is them over the given peak.
+    # The FLOPs are modeling.costs.flops' for the batch's shape, and MFU is them over the given peak.
     cfg = ModelConfig.preset("tiny")
     want = flops.step_flops(cfg, vocab_size=train["vocab_size"]).for_lengths([train["seq_len"]] * 2)
     assert train["model_flops_per_step"] == want
@@ -48,8 +48,8 @@ def test_tiny_cpu_smoke_writes_json_and_prints_the_table(tmp_path):
         assert "error" not in q, q
         assert q["ratio"] < 0.5 and q["layers"] > 0 and 0.0 <= q["max_abs_dp_fake"] < 0.1
     assert "quantized 8bit: LLM linear" in proc.stdout
-    # The plan phase: weights as built plus modeling.memory's activations for the CPU's kernels.
-    from modeling.memory import activation_bytes
+    # The plan phase: weights as built plus modeling.costs.memory's activations for the CPU's kernels.
+    from modeling.costs.memory import activation_bytes
 
     plan = train["plan"]
     acts = activation_bytes(cfg, 2, train["seq_len"], True, vocab_size=train["vocab_size"], device="cpu")

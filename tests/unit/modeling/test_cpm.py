@@ -11,7 +11,7 @@ from modeling import cpm as cpm_math
 from modeling.config import DEFAULT_CPM_PREFIX, ModelConfig
 from modeling.model import FakeReasoningModel
 from modeling.template import build_training_example
-from modeling.tokenizer import (
+from modeling.tokenization.tokenizer import (
     build_bpe_tokenizer,
     build_llama_style_tokenizer,
     cpm_context,
@@ -60,7 +60,7 @@ def tokenizer(request, tmp_path_factory):
     if request.param == "byte_bpe":
         return build_bpe_tokenizer(corpus(), tmp_path_factory.mktemp("bpe"), vocab_size=700)
     if request.param == "sentencepiece":
-        from modeling.tokenizer_loading import load_tokenizer
+        from modeling.tokenization.loading import load_tokenizer
 
         return load_tokenizer(sentencepiece_folder(tmp_path_factory.mktemp("spm")))
     return build_llama_style_tokenizer(corpus(), 700, legacy=request.param.endswith("legacy"))
@@ -156,7 +156,7 @@ def test_a_sentencepiece_tokenizer_spells_the_reference_ids_shape(tmp_path):
     # The reference's ids of "<CONCLUSION> This image is" are 6007 6154 3308 2725
     # 29958 910 1967 338: the tag in pieces, then "▁This ▁image ▁is" (the word
     # after the tag carries the space marker), and the decision word follows.
-    from modeling.tokenizer_loading import load_tokenizer
+    from modeling.tokenization.loading import load_tokenizer
 
     tok = load_tokenizer(sentencepiece_folder(tmp_path))
     prefix_ids, real_id, fake_id = cpm_context(tok)

@@ -10,7 +10,7 @@ from modeling import cpm as cpm_math
 from modeling.config import ConfigError, ModelConfig
 from modeling.model import IMAGE_TOKEN_INDEX, FakeReasoningModel, merge_image_features
 from modeling.template import build_training_example
-from modeling.tokenizer import build_bpe_tokenizer, cpm_context, demo_corpus
+from modeling.tokenization.tokenizer import build_bpe_tokenizer, cpm_context, demo_corpus
 
 torch.set_num_threads(1)
 QUESTION = "Is this image real or fake?"

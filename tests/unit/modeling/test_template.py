@@ -15,7 +15,7 @@ from modeling.template import (
     build_training_example,
     render_text,
 )
-from modeling.tokenizer import build_bpe_tokenizer, build_llama_style_tokenizer, demo_corpus
+from modeling.tokenization.tokenizer import build_bpe_tokenizer, build_llama_style_tokenizer, demo_corpus
 from sharding import schema
 
 QUESTION = schema.EVAL_QUESTION

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modeling.config_loading import ConfigError
+from common.config_loading import ConfigError
 from pipeline.training.batch import (BatchPlan, batch_plan, launcher_world_size, nearest_choices, plan_for,
                                      resume_note)
 from pipeline.training.cli import main

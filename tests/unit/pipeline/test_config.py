@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from modeling.config import ModelPreset
-from modeling.config_loading import ConfigError, field_types
+from common.config_loading import ConfigError, field_types
 from pipeline.evaluation.config import EvalConfig
 from pipeline.training.config import TrainConfig, load_train_config, parse_overrides
 from pipeline.distributed import build_deepspeed_config, resolve_deepspeed_config
@@ -121,7 +121,7 @@ POOL = [5, 1.5, True, "lots", [5], ["a", 5], {"k": 5}, [0.5, 0.5, 0.5, 0.5]]
 
 
 def _accepts(tp, v) -> bool:
-    """The loader's rules, stated independently (see modeling/config_loading.py)."""
+    """The loader's rules, stated independently (see common/config_loading.py)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return any(v is None if a is type(None) else _accepts(a, v) for a in args)

@@ -11,8 +11,8 @@ import torch
 
 from pipeline.evaluation.cli import main as eval_main
 from pipeline.training.cli import main as train_main
-from modeling.checkpoint_io import write_weights
-from modeling.config_loading import ConfigError
+from modeling.checkpoints.tensor_io import write_weights
+from common.config_loading import ConfigError
 from pipeline.evaluation.config import EvalConfig
 from pipeline.input_paths import check_train_inputs
 from pipeline.training.config import load_train_config

@@ -1,5 +1,5 @@
 """Writes that must not follow symbolic links, and an export that is never deleted
-before its replacement exists (modeling/atomic_files.py and its callers).
+before its replacement exists (common/atomic_files.py and its callers).
 
 Each test plants what an attacker sharing a scratch folder (or an unlucky `ln -s`)
 could: a link at a final name, a link at the temporary name the old code used,
@@ -14,7 +14,7 @@ import stat
 import pytest
 import torch
 
-from modeling.atomic_files import RefusedLink, remove_tree, replace_dir, write_atomic
+from common.atomic_files import RefusedLink, remove_tree, replace_dir, write_atomic
 from pipeline.training import checkpoint_tags as tags
 from pipeline.training import preemption
 from pipeline.training.export import export_final
@@ -104,7 +104,7 @@ def test_eval_restart_refuses_a_linked_partial_folder(tmp_path):
 # --------------------------------------------------------------------------- the export
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from modeling.checkpoint import load_pretrained
+    from modeling.checkpoints.checkpoint import load_pretrained
 
     from launch.tiny_models import build_tiny_model
 

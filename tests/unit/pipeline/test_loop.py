@@ -272,7 +272,7 @@ def test_perf_metrics_count_real_positions_padding_and_loader_wait():
     """Two micro-batches: LLM lengths 5-1+16 = 20 and 3-1+16 = 18 each; 2 x 20 positions
     with padding; the loader waits are averaged over ranks (here 2, as if the all-reduced
     sums came from two ranks with the same batches) and divided by the step time."""
-    from modeling.flops import StepFlops
+    from modeling.costs.flops import StepFlops
     from pipeline.training.loop import micro_stats
 
     engine, state, acc = StandInEngine(accum=2), TrainState(), StepAccumulator()
@@ -305,7 +305,7 @@ def test_loop_measures_the_loader_wait_and_prints_the_metrics(tmp_path):
     import json
     import time
 
-    from modeling.flops import StepFlops
+    from modeling.costs.flops import StepFlops
     from pipeline.training.loop import LoopContext, run_loop
 
     def slow_loader(epoch, start):

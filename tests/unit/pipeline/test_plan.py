@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from modeling.config_loading import ConfigError
-from modeling.flops import step_flops
-from modeling.memory import activation_terms
+from common.config_loading import ConfigError
+from modeling.costs.flops import step_flops
+from modeling.costs.memory import activation_terms
 from pipeline.distributed.zero_memory import model_state_lines
 from pipeline.training.cli import main
 from pipeline.training.config import load_train_config

@@ -50,7 +50,7 @@ def test_largest_layer_is_deepspeeds():
     cfg = ModelConfig.preset("tiny")
     cfg.llm.vocab_size = 500
     counts = count_parameters(cfg, persistence_threshold=100_000)
-    from modeling.summary import build_meta
+    from modeling.costs.summary import build_meta
 
     assert counts["largest_layer"] == model_to_params(build_meta(cfg))[1]
     assert counts["components"]["total"]["total"] == sum(p.numel() for p in build_meta(cfg).parameters())

@@ -85,7 +85,7 @@ def write_shards(root, sizes: list[int], n_conv: int = 3, bad: dict | None = Non
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    from modeling.tokenizer import build_bpe_tokenizer
+    from modeling.tokenization.tokenizer import build_bpe_tokenizer
 
     corpus = [QUESTION.replace("<image>\n", "")] + [answer(l, v, e) for l in (0, 1) for v in range(4) for e in (0, 3)]
     return build_bpe_tokenizer(corpus * 20, tmp_path_factory.mktemp("tok"), vocab_size=400)

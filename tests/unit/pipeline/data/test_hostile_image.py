@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(r'''
 
     from modeling.config import ModelConfig
     from modeling.image_processing import ImageProcessor
-    from modeling.tokenizer import build_bpe_tokenizer
+    from modeling.tokenization.tokenizer import build_bpe_tokenizer
     from pipeline.data import make_train_loader
     from pipeline.data.config import DataConfig
     from pipeline.evaluation.data import enumerate_items, make_eval_loader

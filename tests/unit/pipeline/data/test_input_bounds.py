@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from modeling.config_loading import ConfigError
+from common.config_loading import ConfigError
 from pipeline.data.config import DataConfig
 from pipeline.data.plan import Ref
 from pipeline.data.reader import ShardCursor
@@ -42,7 +42,7 @@ def test_shard_names_from_sizes_json_stay_in_their_folder(tmp_path, shard_writer
 
 
 def test_weight_index_names_stay_in_the_model_folder(tmp_path):
-    from modeling.checkpoint_io import CheckpointError, weight_files
+    from modeling.checkpoints.tensor_io import CheckpointError, weight_files
 
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "/etc/passwd"}}))

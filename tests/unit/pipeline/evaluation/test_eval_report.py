@@ -7,9 +7,9 @@ from sklearn.metrics import roc_auc_score
 from pipeline.evaluation.metrics import bleu1, rouge_l, text_scores
 from pipeline.evaluation.parsing import parse_answer
 from pipeline.evaluation.report import (
-    PREDICTION_FIELDS, REFERENCE_COLUMNS, STRICT_COLUMNS, checkpoint_identity, format_value, read_predictions,
-    rebuild, write_report,
+    PREDICTION_FIELDS, REFERENCE_COLUMNS, STRICT_COLUMNS, checkpoint_identity, read_predictions, rebuild, write_report,
 )
+from pipeline.evaluation.table_format import format_value
 
 ANSWERS = [
     "<REASONING>The edges are smooth and natural.</REASONING><CONCLUSION>This image is real.</CONCLUSION>",
