@@ -243,8 +243,8 @@ def start_train_tracking(cfg: WandbConfig, root_dir: str, config: dict, output_d
 SERVICE_ENV = "WANDB_SERVICE"
 """W&B's documented variable naming the service a process connects to (wandb/env.py)."""
 SERVICE_IDLE_TIMEOUT = "10s"
-"""How long a detached service lives once no process is connected (Go duration):
-long enough for nothing, short enough that a killed rank's run is written soon."""
+"""How long a detached service lives once no process is connected (Go duration);
+nothing needs it longer, so it is short."""
 
 
 def start_detached_service() -> str | None:
@@ -255,9 +255,11 @@ def start_detached_service() -> str | None:
     service is up, so the service is re-parented away from this rank: the
     DeepSpeed launcher's process-tree kill (deepspeed/launcher/launch.py
     terminate_process_tree) and a signal to the process group no longer reach
-    it. It stays up while this process is connected; when the process ends,
-    even by SIGKILL, it writes what it received and exits after
-    SERVICE_IDLE_TIMEOUT.
+    it, and rank 0, which blocks SIGTERM, finishes its run through it. It stays
+    up while a process is connected and exits SERVICE_IDLE_TIMEOUT after the
+    last one leaves. (A run whose process is killed before finish() is not
+    reliably written: wandb-core 0.31 sometimes shuts down at the idle timeout
+    without flushing it.)
     """
     cmd = [sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT]
     try:

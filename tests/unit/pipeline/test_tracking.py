@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -91,44 +90,45 @@ def test_unreachable_server_falls_back_to_offline_and_resumes_the_id(no_credenti
     assert record["run_id"] == t.run_id and record["project"] == "t" and "run_group" not in record
 
 
-# What a rank that the DeepSpeed launcher kills does: start an offline run, log
-# two steps, then the launcher's terminate_process_tree (SIGTERM to every
-# descendant, then to the rank) ends the rank before it calls finish().
-_KILLED_RANK = textwrap.dedent("""
-    import json, os, signal, sys, time
+# What rank 0 lives through when another rank fails: DeepSpeed's node launcher
+# SIGTERMs every rank's process tree (deepspeed/launcher/launch.py,
+# terminate_process_tree); rank 0 blocks the signal (pipeline/training/preemption.py),
+# gets the collective's error and finishes its run with exit code 1 in the loop's finally.
+_RANK_ZERO_UNDER_A_TREE_KILL = textwrap.dedent("""
+    import json, signal, sys
     import psutil
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     from pipeline.tracking import WandbConfig, start_tracking
     t = start_tracking(WandbConfig(mode="offline", project="t", detached_service=sys.argv[2] == "1"),
                        sys.argv[1], {}, is_main=True)
     t.log({"train/bad_samples": 3.0}, step=1)
     t.log({"train/bad_samples": 0.0, "train/loss": 1.5}, step=2)
-    time.sleep(2)  # records still in this process's send buffer die with it; this test is about the service
     kids = psutil.Process().children(recursive=True)
-    print(json.dumps({"run_dir": t.run_dir, "descendants": [k.name() for k in kids]}), flush=True)
+    names = [k.name() for k in kids]
     for k in kids:
         k.terminate()
-    time.sleep(0.5)  # the launcher's SIGKILL comes later; the detached service must not need it
-    os.kill(os.getpid(), signal.SIGKILL)
+    psutil.wait_procs(kids, timeout=10)
+    run_dir = t.run_dir
+    t.finish(exit_code=1)
+    print(json.dumps({"run_dir": run_dir, "descendants": names}), flush=True)
 """)
 
 
-def test_a_killed_rank_keeps_its_offline_run(no_credentials):
-    """The run outlives a process-tree kill before finish(): the detached W&B service
-    is not among the rank's descendants, so it writes what it received."""
-    proc = subprocess.run([sys.executable, "-c", _KILLED_RANK, str(no_credentials), "1"], capture_output=True,
-                          text=True, timeout=120, cwd=os.getcwd())
-    assert proc.returncode == -9, proc.stderr[-3000:]
+@pytest.mark.parametrize("detached", [True, False], ids=["detached-service", "default-service"])
+def test_rank_zero_finishes_its_run_through_the_launchers_tree_kill(no_credentials, detached):
+    """With the detached service (the default) the run is written whole, with its exit
+    code; with W&B's default child service the same SIGTERM kills the service first
+    (wandb-core exits on SIGTERM without writing a buffered offline run), which is
+    how CI once lost a failed run's W&B summary."""
+    proc = subprocess.run([sys.executable, "-c", _RANK_ZERO_UNDER_A_TREE_KILL, str(no_credentials),
+                           "1" if detached else "0"], capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not any("wandb-core" in name for name in info["descendants"]), info
-    deadline = time.monotonic() + 60  # the service writes the run once idle (tracking.SERVICE_IDLE_TIMEOUT)
-    while True:
-        try:
-            summary = read_offline_run(info["run_dir"])["summary"]
-        except RuntimeError:  # read while the service writes it
-            if time.monotonic() > deadline:
-                raise
-            summary = {}
-        if summary or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert summary.get("train/loss") == 1.5 and summary.get("train/bad_samples") == 0.0, (summary, proc.stderr[-2000:])
+    run = read_offline_run(info["run_dir"])
+    if detached:
+        assert not any("wandb-core" in name for name in info["descendants"]), info
+        assert run["summary"].get("train/loss") == 1.5 and run["summary"].get("train/bad_samples") == 0.0, run
+        assert run.get("exit_code") == 1, {k: run.get(k) for k in ("state", "exit_code")}
+    else:
+        assert any("wandb-core" in name for name in info["descendants"]), info
+        assert run["summary"] == {}, "W&B's child service survived the tree kill: the detached service may be moot"
