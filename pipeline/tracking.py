@@ -292,7 +292,10 @@ def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: 
     # A service the user named (WANDB_SERVICE) or one this process already uses wins.
     token = start_detached_service() if cfg.detached_service and not os.environ.get(SERVICE_ENV) else None
     if token:
-        os.environ[SERVICE_ENV] = token  # how wandb.init finds a running service
+        # How wandb.init finds a running service. Only for the init, which connects this
+        # process once; left set, it would send child processes (and later runs of this
+        # process, after a teardown) to a service that exits when it falls idle.
+        os.environ[SERVICE_ENV] = token
     try:
         settings = wandb.Settings(init_timeout=cfg.init_timeout, silent=True,
                                   x_disable_stats=False, console="off")
@@ -307,7 +310,9 @@ def _try_init(cfg: WandbConfig, root_dir: str, config: dict, mode: str, run_id: 
             wandb.teardown()
         except Exception:  # noqa: BLE001
             pass
-        if token:  # a detached service outlives teardown: end it, and let the next attempt start its own
-            os.environ.pop(SERVICE_ENV, None)
+        if token:  # a detached service outlives teardown: end it; the next attempt starts its own
             stop_detached_service(token)
         return None
+    finally:
+        if token:
+            os.environ.pop(SERVICE_ENV, None)

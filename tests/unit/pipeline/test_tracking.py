@@ -95,7 +95,7 @@ def test_unreachable_server_falls_back_to_offline_and_resumes_the_id(no_credenti
 # terminate_process_tree); rank 0 blocks the signal (pipeline/training/preemption.py),
 # gets the collective's error and finishes its run with exit code 1 in the loop's finally.
 _RANK_ZERO_UNDER_A_TREE_KILL = textwrap.dedent("""
-    import json, signal, sys
+    import json, os, signal, sys
     import psutil
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     from pipeline.tracking import WandbConfig, start_tracking
@@ -110,7 +110,8 @@ _RANK_ZERO_UNDER_A_TREE_KILL = textwrap.dedent("""
     psutil.wait_procs(kids, timeout=10)
     run_dir = t.run_dir
     t.finish(exit_code=1)
-    print(json.dumps({"run_dir": run_dir, "descendants": names}), flush=True)
+    print(json.dumps({"run_dir": run_dir, "descendants": names, "env": os.environ.get("WANDB_SERVICE")}),
+          flush=True)
 """)
 
 
@@ -127,6 +128,7 @@ def test_rank_zero_finishes_its_run_through_the_launchers_tree_kill(no_credentia
     run = read_offline_run(info["run_dir"])
     if detached:
         assert not any("wandb-core" in name for name in info["descendants"]), info
+        assert info["env"] is None, "the detached service's token stayed in the environment for child processes"
         assert run["summary"].get("train/loss") == 1.5 and run["summary"].get("train/bad_samples") == 0.0, run
         assert run.get("exit_code") == 1, {k: run.get(k) for k in ("state", "exit_code")}
     else:
