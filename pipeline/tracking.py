@@ -54,8 +54,8 @@ class WandbConfig:
     another rank fails, or a SIGTERM to the process group, cannot kill the
     service before it has written the run: wandb-core buffers an offline run's
     records and exits on SIGTERM without writing them. False: W&B's default, a
-    service started as a child of the rank. Without `wandb beta core` (wandb
-    older than the pinned range) the default is used, with a warning."""
+    service started as a child of the rank. Where `wandb beta core start`
+    fails (a wandb without it), the default is used, with a warning."""
 
 
 
