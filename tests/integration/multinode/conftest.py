@@ -350,8 +350,12 @@ def two_host_launch(loopback_cluster):
 
     def start(overrides: list[str], run_dir: Path, name: str) -> TwoHostRun:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # The ranks start over ssh with a fresh environment: a TORCH_EXTENSIONS_DIR of the
+        # suite's goes with them, or they rebuild DeepSpeed's ops in the default cache
+        # (minutes, inside the launch's timeout) when another venv last built it there.
+        run_env = {**RUN_ENV, **{k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if os.environ.get(k)}}
         # No blank line: DeepSpeed splits every line on "=".
-        (run_dir / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in RUN_ENV.items()))
+        (run_dir / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in run_env.items()))
         out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
         log = run_dir / f"{name}.log"
         cmd = [deepspeed_executable(), *loopback_cluster.launcher_args(), "--master_port",
