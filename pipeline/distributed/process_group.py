@@ -90,11 +90,20 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def shutdown() -> None:
+def shutdown(completed: bool = True) -> None:
     """End the process group, if one was started. Left to interpreter exit, gloo's
     threads sometimes abort the process ("terminate called without an active
-    exception", status -6) after all the work is done."""
+    exception", status -6) after all the work is done.
+
+    completed: every rank got through the work. Then the ranks first meet in a
+    barrier: one that tore its group down while a peer still worked (rank 0
+    merging the output) left that peer's gloo threads facing a closed
+    connection, and a launch in CI still aborted. After an error a peer may
+    never come, so no barrier: this rank leaves, and its peers' next collective
+    fails on the closed connection instead of waiting."""
     if torch.distributed.is_initialized():
+        if completed and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -162,15 +162,17 @@ def main(argv=None) -> int:
     from pipeline.evaluation.runner import run_eval
     from sharding.dir_lock import OutputLocked
 
+    completed = False
     try:
         results = run_eval(cfg)
+        completed = True
     except (ResumeMismatch, OutputLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         from pipeline.distributed import shutdown
 
-        shutdown()  # an orderly end of the process group (see shutdown's doc)
+        shutdown(completed)  # an orderly end of the process group (see shutdown's doc)
     if results is not None:
         with open(os.path.join(cfg.out, "results.md"), encoding="utf-8") as f:
             print(f.read())

@@ -254,6 +254,7 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
     fmt = cfg.output_format()
     summary = Summary()
     lock = None
+    completed = False
     try:
         lock = _lock_output(cfg, rank, world)
         model, tokenizer, _fmt = load_model(cfg)
@@ -304,6 +305,7 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
         summary.scoring_seconds = scoring_seconds
         if rank == 0 and cfg.out is not None:
             output.finalize(cfg.out, fmt, cfg.restart)
+        completed = True
     finally:
         if lock is not None:
             lock.release()
@@ -312,7 +314,7 @@ def run_predict(cfg: PredictConfig, emit=None) -> Summary:
         if world > 1:
             from pipeline.distributed import shutdown
 
-            shutdown()
+            shutdown(completed)
     summary.seconds = time.perf_counter() - t0
     return summary
 
